@@ -1,0 +1,11 @@
+import os, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two pytest-xdist workers on two cores: one torch thread each avoids oversubscription.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    import torch
+    torch.set_num_threads(1)
+os.environ.setdefault('MPLBACKEND', 'Agg')
+os.environ.setdefault('TQDM_DISABLE', '1')

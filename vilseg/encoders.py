@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import open_clip
 
 # %% auto #0
-__all__ = ['TINY_CONFIGS', 'register_configs', 'create_clip', 'image_features', 'text_features']
+__all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'ConvStem', 'register_configs', 'create_clip', 'image_features', 'text_features']
 
 # %% ../nbs/05_encoders.ipynb #c003
 TINY_CONFIGS = {
@@ -20,15 +20,28 @@ TINY_CONFIGS = {
                                                       mlp_ratio=2.0, pool_type='avg'),
                          text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=1)),
     # the CPU demo model
-    'vilseg-tiny': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=192, layers=6, head_width=32,
-                                                      mlp_ratio=3.0, pool_type='avg'),
+    'vilseg-tiny': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=6, head_width=32,
+                                                      mlp_ratio=2.0, pool_type='avg', pos_embed_type='sin_cos_2d'),
                         text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=3)),
     # a larger from-scratch model for long CPU runs or a GPU
     'vilseg-small': dict(embed_dim=256, vision_cfg=dict(image_size=96, patch_size=8, width=384, layers=8, head_width=64,
                                                        mlp_ratio=4.0, pool_type='avg'),
                          text_cfg=dict(context_length=32, vocab_size=49408, width=256, heads=4, layers=4)),
 }
+# conv stems of the tiny configs (channels of the stride-2 convolutions; log2(patch) of them)
+CONV_STEMS = {'vilseg-micro': (16, 32, 64), 'vilseg-tiny': (32, 64, 128), 'vilseg-small': (48, 96, 192)}
 _REGISTERED = False
+
+class ConvStem(torch.nn.Sequential):
+    "Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to the transformer width."
+    def __init__(self, width: int, patch: int = 8, channels=(32, 64, 128)):
+        n = int(round(torch.log2(torch.tensor(float(patch))).item()))
+        if 2 ** n != patch or len(channels) < n: raise ValueError(f'conv stem needs a power-of-two patch and {n} channel sizes')
+        layers, c_in = [], 3
+        for c in channels[:n]:
+            layers += [torch.nn.Conv2d(c_in, c, 3, 2, 1, bias=False), torch.nn.GroupNorm(1, c), torch.nn.GELU()]; c_in = c
+        layers.append(torch.nn.Conv2d(c_in, width, 1))
+        super().__init__(*layers)
 
 def register_configs() -> Path:
     "Write `TINY_CONFIGS` as open_clip JSON model configs and register them (idempotent)."
@@ -51,13 +64,20 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
         raise ValueError(f'unknown model {model_name!r}: use an open_clip name (e.g. ViT-B-16) or one of {list(TINY_CONFIGS)}')
     if pretrained and (os.sep in str(pretrained) or Path(pretrained).suffix in ('.pt', '.pth', '.bin', '.safetensors')):
         if not Path(pretrained).exists(): raise FileNotFoundError(f'pretrained checkpoint not found: {pretrained}')
+    stem = CONV_STEMS.get(model_name)
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device, **kw)
+        model = open_clip.create_model(model_name, pretrained=None if stem else (pretrained or None), device=device, **kw)
     except RuntimeError as e:
         if pretrained and not Path(str(pretrained)).exists():
             raise RuntimeError(f'could not load pretrained={pretrained!r} for {model_name} (is it a valid tag, and is '
                                f'the network or the open_clip cache available?): {e}') from e
         raise
+    if stem:
+        v = model.visual
+        v.conv1 = ConvStem(v.transformer.width, v.patch_size[0], stem).to(device)
+        if pretrained:  # a checkpoint of a conv-stem config: load it now that the stem exists
+            sd = torch.load(pretrained, map_location=device, weights_only=True)
+            model.load_state_dict(sd.get('state_dict', sd))
     return model, open_clip.get_tokenizer(model_name)
 
 # %% ../nbs/05_encoders.ipynb #c006

@@ -86,7 +86,7 @@ class ViLSeg(nn.Module):
             q1 = align_to_pair(q1, batch['pair_box'], batch['pair_flip'], q1.shape[-2:])
             q2 = self.head.assign(zp)                                              # B h w K on the paired view
             out['cluster'] = iic_loss(q1.permute(0, 2, 3, 1), q2, cfg.iic_lambda)
-            if w > 0: loss = loss + w * out['cluster']
+            loss = loss + w * out['cluster']      # added even at weight 0, so that DDP sees the head in the graph
         out = {k: v.detach() for k, v in out.items()}
         out['loss'] = loss; out['logit_scale'] = scale.detach()
         return out

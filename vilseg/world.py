@@ -80,7 +80,7 @@ def _shape_parts(name: str):
     if name == 'crescent': return [(_circle(), 1), (_circle(.45, -.2, .85), 0)]
     if name == 'arrow': return [(P((-1, -.25), (.2, -.25), (.2, -.65), (1, 0), (.2, .65), (.2, .25), (-1, .25)), 1)]
     if name == 'bolt': return [(P((.15, -1), (.65, -1), (.2, -.15), (.6, -.15), (-.3, 1), (-.05, .1), (-.5, .1)), 1)]
-    if name == 'drop': return [(np.concatenate([P((0, -1)), _circle(0, .35, .62, 40)[[i for i in range(40) if not 26 < i < 34]]]), 1)]
+    if name == 'drop': return [(np.concatenate([P((0, -1)), _circle(0, .35, .62, 40)[list(range(34, 40)) + list(range(0, 27))]]), 1)]
     if name == 'flower': return [(_circle(.58 * math.sin(a), -.58 * math.cos(a), .42, 24), 1) for a in np.linspace(0, 2 * np.pi, 5, endpoint=False)] + [(_circle(r=.5), 1)]
     if name == 'house': return [(P((-.75, -.05), (0, -1), (.75, -.05), (.6, -.05), (.6, 1), (-.6, 1), (-.6, -.05)), 1)]
     if name == 'tree': return [(P((0, -1), (.8, .45), (.17, .45), (.17, 1), (-.17, 1), (-.17, .45), (-.8, .45)), 1)]
@@ -95,9 +95,13 @@ class WorldConfig:
     max_objects: int = 4
     min_size: float = 0.28         # object size (bounding extent) as a fraction of the image side
     max_size: float = 0.75
-    min_visible: float = 0.35      # each object keeps at least this fraction of its area visible
+    min_visible: float = 0.5       # each object keeps at least this fraction of its area visible
     max_rotation: float = 25.      # degrees
-    clutter: int = 6               # clutter strokes and blobs in the background
+    clutter: int = 4               # clutter strokes and blobs in the background
+    bg_saturation: float = 0.45    # 1 = full-colour background noise, 0 = gray; objects keep full colour
+    bg_contrast: float = 0.6       # amplitude of the background's colour noise
+    p_plain: float = 0.5           # probability of a plain (untextured) object; other textures share the rest
+    object_weights: tuple = (0.35, 0.3, 0.2, 0.15)   # probabilities of 1, 2, 3, 4 objects
     supersample: int = 3
     p_color_word: float = 0.4      # caption attribute probabilities
     p_size_word: float = 0.2
@@ -115,11 +119,15 @@ def _background(rng: random.Random, cfg: WorldConfig, S: int) -> Image.Image:
     base = nrs.integers(0, 256, (g, g, 3), dtype=np.uint8)
     tone = np.array(rng.choice(list(COLORS.values())), dtype=float)
     img = Image.fromarray(base).resize((S, S), Image.BICUBIC)
-    arr = 0.55 * np.asarray(img, dtype=np.float32) + 0.3 * tone.astype(np.float32)
-    img = Image.fromarray(arr.astype(np.uint8))
+    arr = np.asarray(img, dtype=np.float32)
+    gray = arr.mean(-1, keepdims=True)
+    arr = cfg.bg_saturation * arr + (1 - cfg.bg_saturation) * gray                    # desaturate
+    arr = 128 + cfg.bg_contrast * (arr - 128) * 0.7 + 0.3 * (tone.astype(np.float32) - 128) * cfg.bg_saturation
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
     for _ in range(cfg.clutter):
         col = tuple(int(c * rng.uniform(.6, 1.)) for c in rng.choice(list(COLORS.values())))
+        g0 = sum(col) / 3; col = tuple(int(cfg.bg_saturation * c + (1 - cfg.bg_saturation) * g0) for c in col)
         kind = rng.random()
         if kind < .5:
             pts = [(rng.uniform(0, S), rng.uniform(0, S)) for _ in range(rng.randint(2, 4))]
@@ -163,7 +171,9 @@ def render_sample(cfg: WorldConfig, index: int):
     SS = S * k
     canvas = np.asarray(_background(rng, cfg, SS), dtype=np.float32).copy()
     owner = np.zeros((SS, SS), dtype=np.int16)              # 0 = background, i+1 = object i (painter's order)
-    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    counts = list(range(cfg.min_objects, cfg.max_objects + 1))
+    w = list(cfg.object_weights)[:len(counts)] if cfg.object_weights else [1] * len(counts)
+    n = rng.choices(counts, weights=w + [w[-1]] * (len(counts) - len(w)))[0]
     objs, masks = [], []
     for i in range(n):
         for _attempt in range(12):
@@ -185,7 +195,7 @@ def render_sample(cfg: WorldConfig, index: int):
             if ok: break
         else:
             continue
-        color = rng.choice(list(COLORS)); texture = rng.choice(TEXTURES)
+        color = rng.choice(list(COLORS)); texture = 'plain' if rng.random() < cfg.p_plain else rng.choice(TEXTURES[1:])
         c1 = _jitter(rng, COLORS[color])
         c2 = _jitter(rng, rng.choice(list(COLORS.values()))) if texture != 'plain' else c1
         if texture in ('striped', 'dotted', 'checkered', 'gradient') and np.abs(np.subtract(c1, c2)).sum() < 120:
@@ -280,7 +290,7 @@ def _gen_chunk(args):
             for ext, data in (('jpg', jpg), ('txt', cap.encode('utf-8')), ('json', meta)):
                 ti = tarfile.TarInfo(f'{key}.{ext}'); ti.size = len(data); ti.mtime = 0
                 tar.addfile(ti, io.BytesIO(data))
-            rows.append((key, cap))
+            rows.append((key, cap, ' and '.join('a ' + n for n in sorted({o.shape for o in objs}))))
     os.replace(tmp, shard_path)
     return rows
 
@@ -290,7 +300,7 @@ def make_world(out, n_train: int = 20000, n_val: int = 500, cfg: WorldConfig | N
     from concurrent.futures import ProcessPoolExecutor
     from tqdm.auto import tqdm
     cfg = cfg or WorldConfig(); out = Path(out)
-    want = {'config': asdict(cfg), 'n_train': n_train, 'n_val': n_val, 'version': 1}
+    want = json.loads(json.dumps({'config': asdict(cfg), 'n_train': n_train, 'n_val': n_val, 'version': 2}))
     wj = out / 'world.json'
     if wj.exists():
         have = json.loads(wj.read_text())
@@ -315,9 +325,11 @@ def make_world(out, n_train: int = 20000, n_val: int = 500, cfg: WorldConfig | N
         for job in jobs: r = _gen_chunk(job); rows[job[2]] += r; pbar.update(len(r))
     pbar.close(); secs = time.time() - t0
     for split, rs in rows.items():
-        atomic_write_text(out / 'ImageSets' / 'Segmentation' / f'{split}.txt', ''.join(k + '\n' for k, _ in rs))
+        atomic_write_text(out / 'ImageSets' / 'Segmentation' / f'{split}.txt', ''.join(r[0] + '\n' for r in rs))
         atomic_write_text(out / 'captions' / f'{split}.tsv',
-                          'filepath\ttitle\n' + ''.join(f'../JPEGImages/{k}.jpg\t{c}\n' for k, c in rs))
+                          'filepath\ttitle\n' + ''.join(f'../JPEGImages/{k}.jpg\t{c}\n' for k, c, _ in rs))
+        atomic_write_text(out / 'captions' / f'{split}_canonical.tsv',
+                          'filepath\ttitle\n' + ''.join(f'../JPEGImages/{k}.jpg\t{c}\n' for k, _, c in rs))
     atomic_write_text(out / 'class_names.txt', ''.join(', '.join(c) + '\n' for c in class_names()))
     atomic_write_json(out / 'splits.json', {'seen': [s for s in SHAPES if s not in UNSEEN], 'unseen': UNSEEN})
     info = dict(want, class_names=[c[0] for c in class_names()], seconds=round(secs, 2),

@@ -1,0 +1,97 @@
+"""ViL-Seg: distributed losses (2 gloo processes), open_clip checkpoint loading, segmentation on odd sizes."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from vilseg.losses import cross_modal_loss, vision_contrast_loss
+
+BIN = Path(sys.executable).parent
+
+
+def _worker(rank, world, init_file, img, txt, loc, tgt, out):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    B = img.shape[0] // world
+    sl = slice(rank * B, (rank + 1) * B)
+    i, t = img[sl].clone().requires_grad_(), txt[sl].clone()
+    lc = cross_modal_loss(i, t, torch.tensor(10.))
+    lc.backward()
+    lv = vision_contrast_loss(loc[sl], tgt[sl], 0.1)
+    out[rank] = torch.stack([lc.detach(), lv.detach(), i.grad.abs().sum()])
+    dist.destroy_process_group()
+
+
+def test_two_process_losses_see_all_negatives(tmp_path):
+    torch.manual_seed(0)
+    N, D = 8, 16
+    img, txt = F.normalize(torch.randn(N, D), dim=-1), F.normalize(torch.randn(N, D), dim=-1)
+    loc, tgt = F.normalize(torch.randn(N, 3, D), dim=-1), F.normalize(torch.randn(N, D), dim=-1)
+    out = torch.zeros(2, 3).share_memory_()
+    mp.spawn(_worker, args=(2, str(tmp_path / 'init'), img, txt, loc, tgt, out), nprocs=2, join=True)
+    full_c = cross_modal_loss(img, txt, torch.tensor(10.))
+    full_v = vision_contrast_loss(loc, tgt, 0.1)
+    # each rank's cross-modal loss is the loss over the whole global batch (all-gathered negatives) ...
+    assert torch.allclose(out[:, 0], full_c.expand(2), atol=1e-5)
+    # ... and the ranks' vision losses average to the single-process loss over the whole batch
+    assert torch.allclose(out[:, 1].mean(), full_v, atol=1e-5)
+    # with local negatives only, the losses would differ:
+    local_only = torch.stack([cross_modal_loss(img[r * 4:(r + 1) * 4], txt[r * 4:(r + 1) * 4], torch.tensor(10.)) for r in range(2)])
+    assert not torch.allclose(local_only, full_c.expand(2), atol=1e-3)
+    assert (out[:, 2] > 0).all(), 'gradients reach each rank\'s local embeddings'
+
+
+@pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
+def test_torchrun_two_process_training(tmp_path):
+    from vilseg.world import make_world
+    make_world(tmp_path / 'w', n_train=64, n_val=4, shard_size=64, workers=1, progress=False)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    cmd = [str(BIN / 'torchrun'), '--nproc_per_node', '2', '--master_port', '29533', str(BIN / 'vilseg'), 'train',
+           '--data', str(tmp_path / 'w'), '--out-dir', str(tmp_path / 'run'), '--model', 'vilseg-micro', '--image-size', '32',
+           '--local-size', '16', '--n-local', '1', '--n-clusters', '4', '--head-hidden', '16', '--batch-size', '4', '--steps', '3',
+           '--num-workers', '0', '--eval-images', '4', '--calib-images', '4', '--progress', 'false', '--log-every', '1']
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert m['world_size'] == 2 and m['steps'] == 3
+    assert (tmp_path / 'run' / 'checkpoint.pt').exists()
+
+
+def test_load_vit_b16_checkpoint_file(tmp_path):
+    import open_clip
+    from vilseg.encoders import create_clip, image_features
+    from vilseg.views import normalize
+    torch.manual_seed(0)
+    ref = open_clip.create_model('ViT-B-16', pretrained=None)
+    path = tmp_path / 'vit_b16.pt'
+    torch.save(ref.state_dict(), path)
+    model, tok = create_clip('ViT-B-16', pretrained=str(path))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+    model.eval()
+    x = normalize(torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8))
+    with torch.no_grad():
+        f = image_features(model, x)
+        fv = image_features(model, normalize(torch.randint(0, 255, (1, 3, 240, 176), dtype=torch.uint8)), dense='value')
+        assert f['patches'].shape == (1, 14, 14, 512) and torch.allclose(f['global'], model.encode_image(x), atol=1e-4)
+        assert fv['patches'].shape == (1, 15, 11, 512)
+    with pytest.raises(FileNotFoundError):
+        create_clip('ViT-B-16', pretrained=str(tmp_path / 'missing.pt'))
+
+
+@pytest.mark.parametrize('hw', [(33, 47), (64, 64), (100, 30), (8, 8)])
+def test_segment_odd_sizes(hw):
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    from vilseg.evaluate import slide_scores
+    torch.manual_seed(0)
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16)).eval()
+    names = [['background'], ['star'], ['ring', 'donut']]
+    x = torch.randint(0, 255, (2, 3, *hw), dtype=torch.uint8)
+    for method in ('cluster', 'dense'):
+        lab = m.segment(x, names, method=method, bg_index=0, bg_threshold=0.1)
+        assert lab.shape == (2, *hw) and lab.dtype == torch.int64 and lab.max() <= 2
+    S = slide_scores(m, x, names, window=32, stride=16, bg_index=0, bg_threshold=0.1)
+    assert S.shape == (2, 3, *hw) and torch.isfinite(S).all()

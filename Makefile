@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: help install demo test test-fast export clean-nbs lab world bench
+.PHONY: help install demo test test-fast export lab world bench
 
 help:
 	@echo "make demo    set up .venv, generate the embedded world, train + evaluate ViL-Seg -> $(DEMO_DIR)/"
@@ -25,8 +25,18 @@ $(STAMP): setup.py settings.ini
 
 install: $(STAMP)
 
+# The main job: generate the world (data/world), train + evaluate ViL-Seg, write $(DEMO_DIR)/. A previous
+# $(DEMO_DIR) is moved aside to $(DEMO_DIR).old-N, never deleted. The executed notebook lands in $(DEMO_DIR)/train.ipynb
+# (also when a cell fails: it then shows the error).
 demo: $(STAMP)
-	$(BIN)/python data_prep/make_world.py --out data/world --figure $(DEMO_DIR)/world_samples.png
+	mkdir -p runs
+	$(BIN)/papermill nbs/experiments/train.ipynb runs/.demo-train.ipynb --cwd . -p out_dir $(DEMO_DIR) -p overwrite True $(DEMO_ARGS); \
+	  status=$$?; mkdir -p $(DEMO_DIR); mv runs/.demo-train.ipynb $(DEMO_DIR)/train.ipynb; \
+	  test $$status -eq 0 && $(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/metrics.json')); print('val mIoU %.3f (dense baseline %.3f, patch oracle %.3f) in %.0f s' % (m['val_miou'], m['val_miou_dense_baseline'], m['patch_oracle_miou'], m['total_seconds']))"; \
+	  exit $$status
+
+world: $(STAMP)
+	$(BIN)/vilseg world --out data/world --figure runs/world_samples.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
@@ -42,3 +52,4 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_world.py
+	$(BIN)/python bench/bench_train.py

@@ -211,7 +211,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t_last
             rec = {'step': step, 'lr': sched.get_last_lr()[0], 'grad_norm': float(gn), 'images_per_s': n_img / dt,
-                   'skipped': skipped, **{k: float(v) for k, v in o.items()}}
+                   'skipped': skipped, **{k: float(v.detach()) for k, v in o.items()}}
             history.append(rec)
             if log_f: log_f.write(json.dumps(rec) + '\n'); log_f.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")

@@ -80,9 +80,9 @@ def show_predictions(model, dataset, n: int = 6, bg_threshold: float = 0.0, dens
     if path: fig.savefig(path, dpi=100)
     return fig
 
-def plot_per_class(iou: dict, path=None, title='per-class IoU'):
-    "`iou`: {method: list of per-class IoU}, with class names as the index of a DataFrame built by the caller."
-    df = pd.DataFrame(iou)
+def plot_per_class(iou, path=None, title='per-class IoU'):
+    "`iou`: a DataFrame (rows = classes, columns = methods) or a dict {method: list of per-class IoU}."
+    df = iou if isinstance(iou, pd.DataFrame) else pd.DataFrame(iou)
     ax = df.plot.bar(figsize=(max(6, .45 * len(df)), 3.5), width=.8)
     ax.set_ylabel('IoU'); ax.set_title(title); ax.set_ylim(0, 1); plt.tight_layout()
     if path: ax.figure.savefig(path, dpi=100)

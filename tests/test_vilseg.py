@@ -8,12 +8,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vilseg.losses import cross_modal_loss, vision_contrast_loss
+from vilseg.losses import cross_modal_loss, vision_contrast_loss, attentive_cross_modal_loss
 
 BIN = Path(sys.executable).parent
 
 
-def _worker(rank, world, init_file, img, txt, loc, tgt, out):
+def _worker(rank, world, init_file, img, txt, loc, tgt, out, pz=None):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     B = img.shape[0] // world
     sl = slice(rank * B, (rank + 1) * B)
@@ -21,7 +21,8 @@ def _worker(rank, world, init_file, img, txt, loc, tgt, out):
     lc = cross_modal_loss(i, t, torch.tensor(10.))
     lc.backward()
     lv = vision_contrast_loss(loc[sl], tgt[sl], 0.1)
-    out[rank] = torch.stack([lc.detach(), lv.detach(), i.grad.abs().sum()])
+    la = attentive_cross_modal_loss(pz[sl], txt[sl], torch.tensor(10.))
+    out[rank] = torch.stack([lc.detach(), lv.detach(), i.grad.abs().sum(), la.detach()])
     dist.destroy_process_group()
 
 
@@ -30,8 +31,9 @@ def test_two_process_losses_see_all_negatives(tmp_path):
     N, D = 8, 16
     img, txt = F.normalize(torch.randn(N, D), dim=-1), F.normalize(torch.randn(N, D), dim=-1)
     loc, tgt = F.normalize(torch.randn(N, 3, D), dim=-1), F.normalize(torch.randn(N, D), dim=-1)
-    out = torch.zeros(2, 3).share_memory_()
-    mp.spawn(_worker, args=(2, str(tmp_path / 'init'), img, txt, loc, tgt, out), nprocs=2, join=True)
+    pz = F.normalize(torch.randn(N, 5, D), dim=-1)
+    out = torch.zeros(2, 4).share_memory_()
+    mp.spawn(_worker, args=(2, str(tmp_path / 'init'), img, txt, loc, tgt, out, pz), nprocs=2, join=True)
     full_c = cross_modal_loss(img, txt, torch.tensor(10.))
     full_v = vision_contrast_loss(loc, tgt, 0.1)
     # each rank's cross-modal loss is the loss over the whole global batch (all-gathered negatives) ...
@@ -42,6 +44,7 @@ def test_two_process_losses_see_all_negatives(tmp_path):
     local_only = torch.stack([cross_modal_loss(img[r * 4:(r + 1) * 4], txt[r * 4:(r + 1) * 4], torch.tensor(10.)) for r in range(2)])
     assert not torch.allclose(local_only, full_c.expand(2), atol=1e-3)
     assert (out[:, 2] > 0).all(), 'gradients reach each rank\'s local embeddings'
+    assert torch.allclose(out[:, 3], attentive_cross_modal_loss(pz, txt, torch.tensor(10.)).expand(2), atol=1e-5)
 
 
 @pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
 # %% auto #0
-__all__ = ['cross_modal_loss', 'gather_nograd', 'vision_contrast_loss', 'iic_loss']
+__all__ = ['cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss', 'iic_loss']
 
 # %% ../nbs/06_losses.ipynb #c004
 def _world():
@@ -24,6 +24,23 @@ def cross_modal_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     return ClipLoss(local_loss=False, gather_with_grad=ws > 1, cache_labels=False, rank=rank, world_size=ws)(img, txt, logit_scale)
 
 # %% ../nbs/06_losses.ipynb #c007
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    rank, ws = _world()
+    if ws == 1: return x
+    import torch.distributed.nn.functional as dnn
+    return torch.cat(dnn.all_gather(x))
+
+def attentive_cross_modal_loss(patches: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                               temperature: float = 0.1) -> torch.Tensor:
+    "`patches` `BxNxD`, `txt` `BxD` (L2-normalised) -> symmetric InfoNCE on caption-conditioned pooled embeddings."
+    z, t = _gather_with_grad(patches), _gather_with_grad(txt)
+    a = torch.einsum('ind,jd->ijn', z, t).div(temperature).softmax(-1)          # B_img x B_txt x N
+    g = F.normalize(torch.einsum('ijn,ind->ijd', a, z), dim=-1)
+    logits = logit_scale * torch.einsum('ijd,jd->ij', g, t)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+# %% ../nbs/06_losses.ipynb #c010
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     "All-gather a tensor without gradient (identity when not distributed)."
     rank, ws = _world()
@@ -40,7 +57,7 @@ def vision_contrast_loss(local: torch.Tensor, target: torch.Tensor, temperature:
     labels = (torch.arange(B, device=local.device) + rank * B).repeat_interleave(m)
     return F.cross_entropy(logits, labels)
 
-# %% ../nbs/06_losses.ipynb #c010
+# %% ../nbs/06_losses.ipynb #c013
 def iic_loss(q1: torch.Tensor, q2: torch.Tensor, lamb: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
     "`q1`, `q2`: `NxK` soft assignments of corresponding samples -> negative (generalised) mutual information."
     K = q1.shape[-1]

@@ -43,6 +43,8 @@ class TrainConfig:
     cluster_warmup: int = 100
     cluster_detach: bool = False
     ema_momentum: float = 0.0
+    cross_pool: str = 'mean'
+    attn_temperature: float = 0.1
     # views (see ViewConfig)
     image_size: int = 64
     n_local: int = 4

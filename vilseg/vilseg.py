@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoders import create_clip, image_features, text_features
-from .losses import cross_modal_loss, vision_contrast_loss, iic_loss
+from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss
 from .clustering import ClusterHead, cluster_embeddings
 from .views import align_to_pair, normalize
 
@@ -35,6 +35,8 @@ class ViLSegConfig:
     cluster_warmup: int = 100         # steps over which lambda_cluster ramps from 0
     cluster_detach: bool = False      # IIC trains the head only
     ema_momentum: float = 0.0         # 0: targets are the student's own global embeddings (stop-gradient)
+    cross_pool: str = 'mean'          # 'mean': the paper's global embedding; 'attn': caption-conditioned pooling (PACL)
+    attn_temperature: float = 0.1
 
 # %% ../nbs/08_vilseg.ipynb #c004
 def _as_names(class_names) -> list[list[str]]:
@@ -58,12 +60,16 @@ class ViLSeg(nn.Module):
         cfg, clip = self.cfg, self.clip
         self._text_cache.clear()
         g = batch['global']
-        fg = image_features(clip, g, dense='tokens' if cfg.lambda_cluster > 0 else 'none')
+        fg = image_features(clip, g, dense='tokens' if (cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn') else 'none')
         img = F.normalize(fg['global'], dim=-1)
         tokens = batch['tokens'] if 'tokens' in batch else self.tokenizer(batch['caption']).to(g.device)
         txt = clip.encode_text(tokens, normalize=True)
         scale = clip.logit_scale.exp()
-        out = {'cross': cross_modal_loss(img, txt, scale)}
+        if cfg.cross_pool == 'attn':
+            out = {'cross': attentive_cross_modal_loss(F.normalize(fg['patches'].flatten(1, 2), dim=-1), txt, scale, cfg.attn_temperature)}
+        elif cfg.cross_pool == 'mean':
+            out = {'cross': cross_modal_loss(img, txt, scale)}
+        else: raise ValueError(f"cross_pool must be 'mean' or 'attn', got {cfg.cross_pool!r}")
         loss = out['cross']
         if cfg.lambda_vision > 0 and 'local' in batch:
             B, m = batch['local'].shape[:2]

@@ -7,7 +7,7 @@ cfg = ConfigParser(delimiters=['='])
 cfg.read('settings.ini', encoding='utf-8')
 c = cfg['DEFAULT']
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+licenses = {'apache2': 'Apache-2.0'}  # SPDX expression (license classifiers are deprecated in setuptools)
 statuses = ['Planning', 'Pre-Alpha', 'Alpha', 'Beta', 'Production/Stable', 'Mature', 'Inactive']
 lic = licenses[c['license']]
 reqs = shlex.split(c.get('requirements', ''))
@@ -16,10 +16,10 @@ scripts = c.get('console_scripts', '').split()
 
 setuptools.setup(
     name=c['lib_name'], version=c['version'], description=c['description'],
-    license=lic[0], author=c['author'], author_email=c['author_email'],
+    license=lic, author=c['author'], author_email=c['author_email'],
     keywords=c['keywords'], url=c['git_url'],
     classifiers=[f"Development Status :: {c['status']} - {statuses[int(c['status'])]}",
-                 f"Intended Audience :: {c['audience']}", f"License :: {lic[1]}",
+                 f"Intended Audience :: {c['audience']}",
                  f"Natural Language :: {c['language']}", 'Programming Language :: Python :: 3'],
     packages=setuptools.find_packages(include=[c['lib_path'], c['lib_path'] + '.*']),
     include_package_data=True, install_requires=reqs, extras_require={'dev': dev_reqs},

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .core import load_checkpoint, atomic_write_json
+from .core import load_checkpoint, atomic_write_json, VilsegDataError
 from .train import TrainConfig, train
 from .vilseg import ViLSeg, ViLSegConfig
 
@@ -21,9 +21,12 @@ __all__ = ['load_model', 'main']
 # %% ../nbs/14_cli.ipynb #c003
 def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
     "A trained `ViLSeg` and its training config from a checkpoint written by `train`."
-    ck = load_checkpoint(checkpoint, map_location=device)
+    ck = load_checkpoint(checkpoint, map_location='cpu')
+    if not isinstance(ck, dict) or 'config' not in ck or 'model' not in ck:
+        raise VilsegDataError(checkpoint, 'not a vilseg training checkpoint (no model/config); use open_clip models via create_clip')
     cfg = TrainConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(TrainConfig)}})
-    model = ViLSeg(cfg.model_config()); model.load_state_dict(ck['model']); model.eval().to(device)
+    mcfg = cfg.model_config(); mcfg.pretrained = None        # the checkpoint holds every weight
+    model = ViLSeg(mcfg); model.load_state_dict(ck['model']); model.eval().to(device)
     return model, ck['config']
 
 def _bool(s): return str(s).lower() in ('1', 'true', 'yes', 'y')
@@ -106,4 +109,5 @@ def _calibrated(checkpoint, method) -> float:
     if m.exists():
         v = json.loads(m.read_text()).get('val', {}).get(method, {})
         if 'bg_threshold' in v: return float(v['bg_threshold'])
+    print(f'warning: no calibrated background threshold in {m}; using 0.3 (pass --bg-threshold)', file=sys.stderr)
     return 0.3

@@ -76,8 +76,9 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
         v = model.visual
         v.conv1 = ConvStem(v.transformer.width, v.patch_size[0], stem).to(device)
         if pretrained:  # a checkpoint of a conv-stem config: load it now that the stem exists
-            sd = torch.load(pretrained, map_location=device, weights_only=True)
-            model.load_state_dict(sd.get('state_dict', sd))
+            from open_clip.factory import load_state_dict as _oc_load   # .pt/.bin/.safetensors, 'state_dict', 'module.'
+            try: model.load_state_dict(_oc_load(str(pretrained), device='cpu', weights_only=True))
+            except Exception as e: raise RuntimeError(f'pretrained={pretrained}: not a checkpoint of {model_name} ({e})') from e
     return model, open_clip.get_tokenizer(model_name)
 
 # %% ../nbs/05_encoders.ipynb #c006

@@ -65,6 +65,7 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
 
 def calibrate_threshold(model, dataset, thresholds=None, **kw) -> tuple[float, dict]:
     "Best background threshold on `dataset` (a calibration split) and the sweep."
+    if kw.get('bg_index', 0) is None: raise ValueError('calibrate_threshold needs a background class (bg_index is None)')
     thresholds = list(thresholds if thresholds is not None else np.round(np.arange(-0.2, 0.9, 0.05), 3))
     r = evaluate(model, dataset, thresholds=thresholds, **kw)
     best = max(r['sweep'], key=r['sweep'].get)
@@ -74,6 +75,7 @@ def calibrate_threshold(model, dataset, thresholds=None, **kw) -> tuple[float, d
 @torch.no_grad()
 def slide_scores(model, images: torch.Tensor, class_names, window: int, stride: int | None = None, **kw) -> torch.Tensor:
     stride = stride or window
+    if not 0 < stride <= window: raise ValueError(f'sliding window needs 0 < stride <= window, got stride={stride}, window={window}')
     B, _, H, W = images.shape
     wh, ww = min(window, H), min(window, W)
     ys = list(range(0, max(H - wh, 0) + 1, stride)); xs = list(range(0, max(W - ww, 0) + 1, stride))

@@ -61,7 +61,8 @@ def vision_contrast_loss(local: torch.Tensor, target: torch.Tensor, temperature:
 def iic_loss(q1: torch.Tensor, q2: torch.Tensor, lamb: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
     "`q1`, `q2`: `NxK` soft assignments of corresponding samples -> negative (generalised) mutual information."
     K = q1.shape[-1]
-    P = q1.reshape(-1, K).T @ q2.reshape(-1, K) / q1.reshape(-1, K).shape[0]
+    q1, q2 = q1.float().reshape(-1, K), q2.float().reshape(-1, K)     # fp32 even under bf16 autocast
+    P = q1.T @ q2 / q1.shape[0]
     P = ((P + P.T) / 2).clamp_min(eps)
     P = P / P.sum()
     Pi, Pj = P.sum(1, keepdim=True), P.sum(0, keepdim=True)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import set_seed, rng_state, set_rng_state, atomic_save, atomic_write_json, load_checkpoint, make_run_dir, get_device
+from .core import set_seed, rng_state, set_rng_state, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, make_run_dir, get_device
 from .captions import CsvCaptions, collate_captions
 from .views import MultiView, ViewConfig
 from .vilseg import ViLSeg, ViLSegConfig
@@ -22,8 +22,8 @@ from .segdata import VOCStyleSegmentation
 from .evaluate import evaluate, calibrate_threshold
 
 # %% auto #0
-__all__ = ['TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer', 'world_datasets', 'validate',
-           'train']
+__all__ = ['RESUMABLE_CHANGES', 'TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer',
+           'world_datasets', 'validate', 'train']
 
 # %% ../nbs/11_train.ipynb #c003
 @dataclass
@@ -142,6 +142,21 @@ def world_datasets(data: str, view_cfg: ViewConfig, captions: str = 'train.tsv')
 
 def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
+# settings that may differ between a run and its resumption; any other change is refused
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
+                     'calib_images', 'log_every', 'ckpt_every', 'out_dir'}
+def _norm(v): return list(v) if isinstance(v, tuple) else v
+
+def _trim_to_common_batch(batch: dict, ws: int) -> int:
+    "Under DDP, cut every rank's batch to the smallest one (ranks may have skipped different bad samples)."
+    n = len(batch.get('caption', []))
+    if ws > 1:
+        t = torch.tensor([n], device='cuda' if dist.get_backend() == 'nccl' else 'cpu'); dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        n = int(t.item())
+    for k, v in list(batch.items()):
+        if torch.is_tensor(v) or isinstance(v, list): batch[k] = v[:n]
+    return n
+
 def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu', progress=False) -> dict:
     "ViL-Seg and dense-baseline mIoU on `val`, each at the background threshold calibrated on `calib`."
     out = {}
@@ -173,9 +188,16 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     step, history = 0, []
     if cfg.resume and ck_path.exists():
-        ck = load_checkpoint(ck_path, map_location=device)
+        ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
+        changed = {k for k in asdict(cfg) if k not in RESUMABLE_CHANGES and _norm(ck['config'].get(k)) != _norm(getattr(cfg, k))}
+        if changed:
+            raise ValueError(f'{ck_path} was trained with other settings; cannot resume with changed ' +
+                             ', '.join(f'{k} ({ck["config"].get(k)!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         step = ck['step']; set_rng_state(ck['rng'])
+        if rank == 0 and (out / 'metrics.jsonl').exists():   # drop records logged after the checkpoint (a crash between saves)
+            keep = [l for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= step]
+            atomic_write_text(out / 'metrics.jsonl', ''.join(l + '\n' for l in keep))
     if rank == 0: atomic_write_json(out / 'config.json', asdict(cfg))
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if ws > 1 else model
 
@@ -200,7 +222,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     while step < end:
         batch = next(it)
         skipped += int(batch.pop('n_skipped', 0))
-        views = batch.pop('image'); batch.update(views)
+        views = batch.pop('image', {}); batch.update(views)
+        if _trim_to_common_batch(batch, ws) < 2:                   # a batch of (almost) only bad samples: skip it
+            step += 1; sched.step(); bar.update(1); continue
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with amp: o = ddp(batch, step=step)
         opt.zero_grad(set_to_none=True)

@@ -49,6 +49,7 @@ class ViLSeg(nn.Module):
         self.clip, self.tokenizer = create_clip(cfg.model, cfg.pretrained)
         dim = self.clip.visual.output_dim
         self.head = ClusterHead(dim, cfg.n_clusters, cfg.head_hidden)
+        if cfg.lambda_cluster == 0: self.head.requires_grad_(False)   # unused in training (and DDP must not wait for it)
         self.teacher = None
         if cfg.ema_momentum > 0:
             self.teacher = copy.deepcopy(self.clip.visual).requires_grad_(False)
@@ -164,6 +165,9 @@ class ViLSeg(nn.Module):
     def clusters(self, images: torch.Tensor) -> torch.Tensor:
         "Cluster index of each pixel (`B x H x W`), from the upsampled soft assignments."
         if images.dtype == torch.uint8: images = normalize(images)
+        H, W = images.shape[-2:]
         f = image_features(self.clip, images)
         logits = self.head(f['patches']).permute(0, 3, 1, 2)
-        return F.interpolate(logits, size=images.shape[-2:], mode='bilinear', align_corners=False).argmax(1)
+        ph, pw = self.clip.visual.patch_size
+        up = F.interpolate(logits, size=(f['grid'][0] * ph, f['grid'][1] * pw), mode='bilinear', align_corners=False)
+        return up[..., :H, :W].argmax(1)                                   # the grid covers the padded image: crop

@@ -178,15 +178,15 @@ def test_image_modes_converted(tmp_path):
     assert load_image(tmp_path / 'g.png').unique().tolist() == [123]
     rgba = Image.new('RGBA', (2, 1), (100, 200, 50, 255)); rgba.putpixel((1, 0), (100, 200, 50, 51))
     t = load_image(_bytes(rgba))
-    assert t[:, 0, 0].tolist() == [100, 200, 50] and t[:, 0, 1].tolist() == [20, 40, 10]     # x * 51 / 255
+    assert t[:, 0, 0].tolist() == [100, 200, 50] and t[:, 0, 1].tolist() == [100, 200, 50]   # alpha dropped
     la = Image.new('LA', (1, 1), (255, 0))
-    assert load_image(_bytes(la))[:, 0, 0].tolist() == [0, 0, 0]
+    assert load_image(_bytes(la))[:, 0, 0].tolist() == [255, 255, 255]
     g16 = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
     assert load_image(_bytes(g16))[0, 0].tolist() == [0, 100, 255]                              # scaled, not clipped
     pal = Image.new('P', (3, 1)); pal.putpalette([1, 2, 3, 40, 50, 60, 200, 100, 0] + [0] * 759)
     for x in range(3): pal.putpixel((x, 0), x)
     assert load_image(_bytes(pal))[:, 0, :].T.tolist() == [[1, 2, 3], [40, 50, 60], [200, 100, 0]]
-    assert load_image(_bytes(pal, transparency=1))[:, 0, :].T.tolist() == [[1, 2, 3], [0, 0, 0], [200, 100, 0]]
+    assert load_image(_bytes(pal, transparency=1))[:, 0, :].T.tolist() == [[1, 2, 3], [40, 50, 60], [200, 100, 0]]  # alpha dropped
     cmyk = Image.new('CMYK', (1, 1), (0, 0, 0, 0))                                            # white
     assert load_image(_bytes(cmyk, 'TIFF'))[:, 0, 0].tolist() == [255, 255, 255]
     assert load_image(_bytes(Image.new('1', (1, 1), 1)))[:, 0, 0].tolist() == [255, 255, 255]

@@ -49,8 +49,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     if mode == 'P':
         return _to_rgb_array(im.convert('RGBA' if 'transparency' in im.info else 'RGB'))
     if mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (mode == 'L' and 'transparency' in im.info):
-        rgba = np.asarray(im.convert('RGBA')).astype(np.float32)
-        return np.rint(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)
+        return np.ascontiguousarray(np.asarray(im.convert('RGBA'))[..., :3])
     return np.asarray(im.convert('RGB'))
 
 def load_image(src, name=None) -> torch.Tensor:

@@ -22,35 +22,16 @@ __all__ = ['IGNORE_INDEX', 'VOC20', 'VOC21', 'CONTEXT59', 'CONTEXT60', 'COCO80',
            'ADE20K', 'coco_instances_to_labels', 'CocoObject', 'load_benchmark']
 
 # %% ../nbs/02_segdata.ipynb #c005
+from .captions import load_image
 IGNORE_INDEX = 255
 _16BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
-def _rgb_array(im: Image.Image, path) -> np.ndarray:
-    "HxWx3 uint8 from a loaded PIL image of any common mode."
-    mode = im.mode
-    if mode == 'RGB': return np.array(im, dtype=np.uint8)
-    if mode in _16BIT_MODES:
-        a = np.asarray(im).astype(np.int64)
-        if a.min(initial=0) < 0 or a.max(initial=0) > 65535:
-            raise VilsegDataError(path, f'{mode} image with values outside 0..65535 is not a 16-bit image')
-        g = ((a * 2 + 257) // 514).astype(np.uint8)  # round(v / 257) in integers
-        return np.repeat(g[..., None], 3, axis=2)
-    if mode == 'F': raise VilsegDataError(path, 'floating-point image: no defined 8-bit RGB conversion')
-    if mode in ('P', 'PA'): im = im.convert('RGBA')
-    return np.array(im.convert('RGB'), dtype=np.uint8)
-
 def read_rgb(path) -> torch.Tensor:
-    "An image file as a uint8 tensor 3xHxW (RGB); `VilsegDataError` naming the file if it is missing or unreadable."
+    """An image file as a uint8 tensor 3xHxW (RGB); `VilsegDataError` naming the file if it is missing or unreadable.
+    The same decoder as training images (`vilseg.captions.load_image`), so both follow one convention."""
     path = Path(path)
     if not path.is_file(): raise VilsegDataError(path, 'image not found')
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = _rgb_array(im, path)
-    except VilsegDataError: raise
-    except Exception as e:
-        raise VilsegDataError(path, f'cannot read image ({type(e).__name__}: {e})') from e
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    return load_image(path)
 
 # %% ../nbs/02_segdata.ipynb #c007
 def read_label(path) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 import open_clip
 
+from .core import atomic_write_text
+
 # %% auto #0
 __all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'ConvStem', 'register_configs', 'create_clip', 'image_features', 'text_features']
 
@@ -51,8 +53,7 @@ def register_configs() -> Path:
         d.mkdir(parents=True, exist_ok=True)
         for name, cfg in TINY_CONFIGS.items():
             f = d / f'{name}.json'; text = json.dumps(cfg, indent=2)
-            if not f.exists() or f.read_text() != text:
-                tmp = f.with_suffix(f'.{os.getpid()}.tmp'); tmp.write_text(text); os.replace(tmp, f)
+            if not f.exists() or f.read_text() != text: atomic_write_text(f, text)
         open_clip.add_model_config(d); _REGISTERED = True
     return d
 

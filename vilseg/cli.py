@@ -56,11 +56,27 @@ def main(argv=None):
     s.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
     s.add_argument('--window', type=int, default=None, help='sliding-window size for large images')
     s.add_argument('--out', required=True); s.add_argument('--overlay', default=None)
-    e = sub.add_parser('eval', help='evaluate a checkpoint on a dense-label split')
-    e.add_argument('--checkpoint', required=True); e.add_argument('--data', default='data/world')
-    e.add_argument('--split', default='val'); e.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
-    e.add_argument('--bg-threshold', type=float, default=None, help='default: the threshold calibrated in training')
-    e.add_argument('--max-images', type=int, default=None); e.add_argument('--out', default=None, help='metrics JSON')
+    e = sub.add_parser('eval', help='evaluate a checkpoint, or an open_clip model (MaskCLIP baseline), with a protocol preset')
+    src = e.add_mutually_exclusive_group()
+    src.add_argument('--checkpoint', default=None, help='a vilseg training checkpoint')
+    src.add_argument('--model', default=None, help='an open_clip model name (e.g. ViT-B-16) for the training-free baseline')
+    e.add_argument('--pretrained', default=None, help='open_clip tag or local checkpoint file for --model')
+    e.add_argument('--preset', default='world', help='voc21 voc20 context60 context59 coco_object coco_stuff171 ade150 world')
+    e.add_argument('--data', default='data/world', help='data root in the layout of the preset (see data_prep/)')
+    e.add_argument('--split', default=None, help="default: the preset's validation split")
+    e.add_argument('--method', default=None, choices=['cluster', 'dense'], help='default: cluster for a checkpoint, dense for --model')
+    e.add_argument('--dense', default='tokens', choices=['tokens', 'value'], help="patch features; 'value' = MaskCLIP's trick")
+    e.add_argument('--bg-threshold', type=float, default=None, help="default: calibrated in training (world) or the preset's")
+    e.add_argument('--thresholds', type=float, nargs='*', default=None, help='also sweep these background thresholds')
+    for k, t in (('short-side', int), ('window', int), ('stride', int)):
+        e.add_argument(f'--{k}', type=t, default=None, help=f"override the preset's {k} (0 = none)")
+    e.add_argument('--templates', default=None, help='imagenet80, short or world')
+    e.add_argument('--max-images', type=int, default=None)
+    e.add_argument('--out-dir', default=None, help='write metrics.json, per_class.csv, per_class.png here')
+    e.add_argument('--overwrite', type=_bool, default=False, metavar='BOOL', help='move an existing --out-dir aside')
+    e.add_argument('--out', default=None, help='also write the metrics JSON to this file')
+    e.add_argument('--device', default='cpu')
+    e.add_argument('--progress', type=_bool, default=True, metavar='BOOL')
     a = ap.parse_args(argv)
 
     if a.cmd == 'world':
@@ -92,22 +108,24 @@ def main(argv=None):
         found = {names[i][0]: int((lab == i).sum()) for i in np.unique(lab)}
         print(json.dumps({'mask': a.out, 'pixels': found}))
     elif a.cmd == 'eval':
-        from vilseg.segdata import VOCStyleSegmentation
-        from vilseg.evaluate import evaluate
-        model, cfg = load_model(a.checkpoint)
-        ds = VOCStyleSegmentation(a.data, a.split)
-        th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)
-        r = evaluate(model, ds, method=a.method, bg_threshold=th, max_images=a.max_images)
-        res = {'miou': r['miou'], 'aacc': r['aacc'], 'bg_threshold': th, 'method': a.method, 'n_images': r['n_images'],
-               'iou': {c[0]: (None if v != v else float(v)) for c, v in zip(ds.class_names, r['iou'])}}
+        from vilseg.protocols import evaluate_run
+        ov = {k: (None if v == 0 else v) for k in ('short_side', 'window', 'stride') if (v := getattr(a, k)) is not None}
+        if a.templates: ov['templates'] = a.templates
+        if not a.checkpoint and not a.model: ap.error('eval needs --checkpoint or --model')
+        r = evaluate_run(a.checkpoint, a.model, a.pretrained, a.preset, a.data, a.split, a.method, a.dense, a.bg_threshold,
+                         a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, **ov)
+        res = {'miou': r['miou'], 'aacc': r['aacc'], 'macc': r['macc'], 'bg_threshold': r['bg_threshold'], 'method': r['method'],
+               'preset': a.preset, 'n_images': r['n_images'], 'images_per_second': round(r['images_per_second'], 3),
+               'iou': {c: (None if v != v else float(v)) for c, v in zip(r['class_names'], r['iou'])}}
+        if 'sweep' in r: res['sweep'] = r['sweep']
         if a.out: atomic_write_json(a.out, res)
         print(json.dumps(res, indent=1))
 
 def _calibrated(checkpoint, method) -> float:
     "The background threshold calibrated at the end of training (in the run's metrics.json), else 0.3."
-    m = Path(checkpoint).parent / 'metrics.json'
-    if m.exists():
-        v = json.loads(m.read_text()).get('val', {}).get(method, {})
-        if 'bg_threshold' in v: return float(v['bg_threshold'])
-    print(f'warning: no calibrated background threshold in {m}; using 0.3 (pass --bg-threshold)', file=sys.stderr)
-    return 0.3
+    from vilseg.protocols import calibrated_threshold
+    th = calibrated_threshold(checkpoint, method)
+    if th is None:
+        print(f'warning: no calibrated background threshold next to {checkpoint}; using 0.3 (pass --bg-threshold)', file=sys.stderr)
+        return 0.3
+    return th

@@ -26,39 +26,63 @@ def _stack_or_none(items):
     shapes = {tuple(it['image'].shape) for it in items}
     return torch.stack([it['image'] for it in items]) if len(shapes) == 1 else None
 
+def _resize_short(x: torch.Tensor, short_side: int) -> torch.Tensor:
+    "uint8 `Bx3xHxW` -> shorter side `short_side`, aspect kept (bilinear, antialiased, as mmseg's keep-ratio `Resize`)."
+    from torchvision.transforms.v2 import functional as TF
+    return TF.resize(x, short_side, antialias=True)
+
 @torch.no_grad()
 def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index: int | None = 0,
              bg_threshold: float = 0.0, thresholds=None, batch_size: int = 32, max_images: int | None = None,
-             templates=None, window: int | None = None, stride: int | None = None, device='cpu',
+             templates=None, window: int | None = None, stride: int | None = None, short_side: int | None = None,
+             bg_score: str = 'cosine', prob_scale: float | None = None, dense: str = 'tokens', device='cpu',
              progress: bool = True, seen=None, unseen=None) -> dict:
     """mIoU of `model` on `dataset` (items with uint8 `image` and `label`). With `thresholds`, sweeps the
-    background threshold and returns `sweep` (threshold -> mIoU) and the metrics at `bg_threshold`."""
+    background threshold and returns `sweep` (threshold -> mIoU) and the metrics at `bg_threshold`.
+
+    `short_side`: resize each image so its shorter side has this length before inference; scores are brought
+    back to the label's resolution (bilinear) before the argmax. `window`/`stride`: sliding window on the
+    (resized) image. `bg_score`: the background threshold applies to the best foreground 'cosine' score, or
+    to the best softmax 'prob'ability over the foreground classes at `prob_scale` (default: the model's
+    logit scale), as in MaskCLIP/SCLIP-style evaluation."""
+    import time
     class_names = class_names or dataset.class_names
     C = len(class_names)
+    if bg_index is not None and not 0 <= bg_index < C: raise ValueError(f'bg_index={bg_index} is not a class index (0..{C - 1})')
+    if bg_score not in ('cosine', 'prob'): raise ValueError(f"bg_score must be 'cosine' or 'prob', got {bg_score!r}")
+    fg_idx = torch.tensor([i for i in range(C) if i != bg_index])
+    fg_names = [class_names[i] for i in fg_idx.tolist()]
     ths = sorted(set([float(bg_threshold)] + [float(t) for t in (thresholds or [])])) if bg_index is not None else [None]
     cms = {t: ConfusionMatrix(C, seen=seen, unseen=unseen) for t in ths}
     model.eval()
+    scale = float(prob_scale) if prob_scale is not None else float(model.clip.logit_scale.exp()) if bg_score == 'prob' else 1.0
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     bar = tqdm(total=n, desc=f'eval {method}', unit='img', disable=not progress, leave=False)
+    t0 = time.perf_counter()
     for items in _batches(dataset, batch_size, max_images):
         imgs = _stack_or_none(items)
         groups = [imgs] if imgs is not None else [it['image'][None] for it in items]
         S = []
         for x in groups:
+            size = x.shape[-2:]
             x = x.to(device)
-            kw = dict(method=method, bg_index=bg_index, bg_threshold=-math.inf if bg_index is not None else 0.0, templates=templates)
-            S += list(slide_scores(model, x, class_names, window, stride, **kw) if window else model.scores(x, class_names, **kw))
+            if short_side: x = _resize_short(x, short_side)
+            kw = dict(method=method, bg_index=None, templates=templates, dense=dense)
+            s = slide_scores(model, x, fg_names, window, stride, **kw) if window else model.scores(x, fg_names, **kw)
+            if s.shape[-2:] != size: s = F.interpolate(s, size=size, mode='bilinear', align_corners=False)
+            S += list(s)
         for s, it in zip(S, items):
             lab = it['label'].to(s.device)
-            if bg_index is None:
-                cms[None].update(s.argmax(0), lab); continue
-            fg = s.clone(); fg[bg_index] = -math.inf
-            best, arg = fg.max(0)
-            for t in ths: cms[t].update(torch.where(best < t, torch.full_like(arg, bg_index), arg), lab)
+            if bg_score == 'prob': s = (scale * s).softmax(0)
+            best, arg = s.max(0)
+            pred = fg_idx.to(s.device)[arg]
+            for t in ths: cms[t].update(pred if t is None else torch.where(best < t, torch.full_like(pred, bg_index), pred), lab)
         bar.update(len(items))
     bar.close()
+    dt = time.perf_counter() - t0
     key = float(bg_threshold) if bg_index is not None else None
     res = cms[key].compute(); res['bg_threshold'] = key; res['n_images'] = n; res['method'] = method
+    res['seconds'] = dt; res['images_per_second'] = n / max(dt, 1e-9)
     if bg_index is not None and len(ths) > 1:
         res['sweep'] = {t: float(cms[t].compute()['miou']) for t in ths}
     return res

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vilseg.losses import cross_modal_loss, vision_contrast_loss, attentive_cross_modal_loss
+from vilseg.losses import cross_modal_loss, vision_contrast_loss, attentive_cross_modal_loss, multi_label_contrast_loss
 
 BIN = Path(sys.executable).parent
 
@@ -47,6 +47,35 @@ def test_two_process_losses_see_all_negatives(tmp_path):
     assert torch.allclose(out[:, 3], attentive_cross_modal_loss(pz, txt, torch.tensor(10.)).expand(2), atol=1e-5)
 
 
+# per rank: captions' nouns, and the distinct words of the rank's batch (different counts on the two ranks)
+NOUNS = [[['star', 'red'], ['ring'], ['box']], [['star'], ['tree', 'ring'], []]]
+WORDS = [sorted({w for ns in r for w in ns}) for r in NOUNS]
+
+
+def _noun_worker(rank, world, init_file, img, emb, out):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    i = img[rank * 3:(rank + 1) * 3].clone().requires_grad_()
+    e = emb[rank][:len(WORDS[rank])].clone().requires_grad_()
+    loss = multi_label_contrast_loss(i, NOUNS[rank], e, WORDS[rank], torch.tensor(10.))
+    loss.backward()
+    out[rank] = torch.stack([loss.detach(), i.grad.abs().sum(), e.grad.abs().sum()])
+    dist.destroy_process_group()
+
+
+def test_two_process_noun_contrast_sees_all_ranks(tmp_path):
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(6, 8), dim=-1)
+    emb = torch.zeros(2, 4, 8)
+    for r in range(2): emb[r, :len(WORDS[r])] = F.normalize(torch.randn(len(WORDS[r]), 8), dim=-1)
+    out = torch.zeros(2, 3).share_memory_()
+    mp.spawn(_noun_worker, args=(2, str(tmp_path / 'init'), img, emb, out), nprocs=2, join=True)
+    # every rank computes the loss of the whole global batch against every rank's prompts
+    full = multi_label_contrast_loss(img, NOUNS[0] + NOUNS[1], torch.cat([emb[0, :len(WORDS[0])], emb[1, :len(WORDS[1])]]),
+                                     WORDS[0] + WORDS[1], torch.tensor(10.))
+    assert torch.allclose(out[:, 0], full.expand(2), atol=1e-5)
+    assert (out[:, 1] > 0).all() and (out[:, 2] > 0).all(), 'gradients reach each rank\'s images and prompts'
+
+
 @pytest.mark.skipif(shutil.which('torchrun', path=str(BIN)) is None, reason='torchrun not installed')
 def test_torchrun_two_process_training(tmp_path):
     from vilseg.world import make_world
@@ -55,12 +84,17 @@ def test_torchrun_two_process_training(tmp_path):
     cmd = [str(BIN / 'torchrun'), '--nproc_per_node', '2', '--master_port', '29533', str(BIN / 'vilseg'), 'train',
            '--data', str(tmp_path / 'w'), '--out-dir', str(tmp_path / 'run'), '--model', 'vilseg-micro', '--image-size', '32',
            '--local-size', '16', '--n-local', '1', '--n-clusters', '4', '--head-hidden', '16', '--batch-size', '4', '--steps', '3',
-           '--num-workers', '0', '--eval-images', '4', '--calib-images', '4', '--progress', 'false', '--log-every', '1']
+           '--num-workers', '0', '--eval-images', '4', '--calib-images', '4', '--progress', 'false', '--log-every', '1',
+           '--lambda-nouns', '1', '--noun-min-count', '2']
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert m['world_size'] == 2 and m['steps'] == 3
     assert (tmp_path / 'run' / 'checkpoint.pt').exists()
+    vocab = (tmp_path / 'run' / 'noun_vocab.txt').read_text().split()
+    assert len(vocab) > 5 and 'the' not in vocab and 'and' not in vocab
+    logged = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    assert all('nouns' in r for r in logged if 'loss' in r)
 
 
 def test_load_vit_b16_checkpoint_file(tmp_path):

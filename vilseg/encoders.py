@@ -22,7 +22,7 @@ TINY_CONFIGS = {
                                                       mlp_ratio=2.0, pool_type='avg'),
                          text_cfg=dict(context_length=24, vocab_size=49408, width=64, heads=2, layers=1)),
     # the CPU demo model
-    'vilseg-tiny': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=6, head_width=32,
+    'vilseg-tiny': dict(embed_dim=128, vision_cfg=dict(image_size=64, patch_size=8, width=128, layers=4, head_width=32,
                                                       mlp_ratio=2.0, pool_type='avg', pos_embed_type='sin_cos_2d'),
                         text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=3)),
     # a larger from-scratch model for long CPU runs or a GPU
@@ -30,18 +30,27 @@ TINY_CONFIGS = {
                                                        mlp_ratio=4.0, pool_type='avg'),
                          text_cfg=dict(context_length=32, vocab_size=49408, width=256, heads=4, layers=4)),
 }
-# conv stems of the tiny configs (channels of the stride-2 convolutions; log2(patch) of them)
-CONV_STEMS = {'vilseg-micro': (16, 32, 64), 'vilseg-tiny': (32, 64, 128), 'vilseg-small': (48, 96, 192)}
+# conv stems of the tiny configs: channels of the stride-2 stages (log2(patch) of them), normalisation, 3x3 convs per stage
+CONV_STEMS = {'vilseg-micro': dict(channels=(16, 32, 64), norm='gn', depth=1),
+              'vilseg-tiny': dict(channels=(32, 64, 128), norm='bn', depth=2),
+              'vilseg-small': dict(channels=(48, 96, 192), norm='bn', depth=2)}
 _REGISTERED = False
 
 class ConvStem(torch.nn.Sequential):
-    "Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to the transformer width."
-    def __init__(self, width: int, patch: int = 8, channels=(32, 64, 128)):
+    """Stages of a stride-2 3x3 convolution (+ `depth - 1` stride-1 ones), each with a norm and an activation,
+    down to the patch grid; then a 1x1 projection to the transformer width. `norm`: 'bn' (BatchNorm, ReLU) or
+    'gn' (GroupNorm with one group, GELU)."""
+    def __init__(self, width: int, patch: int = 8, channels=(32, 64, 128), norm: str = 'bn', depth: int = 2):
         n = int(round(torch.log2(torch.tensor(float(patch))).item()))
         if 2 ** n != patch or len(channels) < n: raise ValueError(f'conv stem needs a power-of-two patch and {n} channel sizes')
+        if norm not in ('bn', 'gn') or depth < 1: raise ValueError(f"norm must be 'bn' or 'gn' and depth >= 1, got {norm!r}, {depth}")
+        N = (lambda c: torch.nn.BatchNorm2d(c)) if norm == 'bn' else (lambda c: torch.nn.GroupNorm(1, c))
+        act = torch.nn.ReLU if norm == 'bn' else torch.nn.GELU
         layers, c_in = [], 3
         for c in channels[:n]:
-            layers += [torch.nn.Conv2d(c_in, c, 3, 2, 1, bias=False), torch.nn.GroupNorm(1, c), torch.nn.GELU()]; c_in = c
+            for j in range(depth):
+                layers += [torch.nn.Conv2d(c_in if j == 0 else c, c, 3, 2 if j == 0 else 1, 1, bias=False), N(c), act()]
+            c_in = c
         layers.append(torch.nn.Conv2d(c_in, width, 1))
         super().__init__(*layers)
 
@@ -75,7 +84,7 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
         raise
     if stem:
         v = model.visual
-        v.conv1 = ConvStem(v.transformer.width, v.patch_size[0], stem).to(device)
+        v.conv1 = ConvStem(v.transformer.width, v.patch_size[0], **stem).to(device)
         if pretrained:  # a checkpoint of a conv-stem config: load it now that the stem exists
             from open_clip.factory import load_state_dict as _oc_load   # .pt/.bin/.safetensors, 'state_dict', 'module.'
             try: model.load_state_dict(_oc_load(str(pretrained), device='cpu', weights_only=True))

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
 # %% auto #0
-__all__ = ['cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss', 'iic_loss']
+__all__ = ['STOPWORDS', 'cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss', 'iic_loss',
+           'build_noun_vocab', 'NounExtractor', 'multi_label_contrast_loss']
 
 # %% ../nbs/06_losses.ipynb #c004
 def _world():
@@ -67,3 +68,72 @@ def iic_loss(q1: torch.Tensor, q2: torch.Tensor, lamb: float = 1.0, eps: float =
     P = P / P.sum()
     Pi, Pj = P.sum(1, keepdim=True), P.sum(0, keepdim=True)
     return -(P * (P.log() - lamb * Pi.log() - lamb * Pj.log())).sum()
+
+# %% ../nbs/06_losses.ipynb #c016
+import re
+from collections import Counter
+
+STOPWORDS = frozenset('''a an the and or of on in at to with without next beside behind near over under above below
+from by for into onto off out up down there here this that these those it its is are was were be been being has have
+had do does did some any each every all both few many more most other another such no nor not only own same so than
+too very can will just one two three four five six seven eight nine ten several couple pair single photo picture
+image shot view scene my your our their his her we you they i me us them who what which where when how'''.split())
+
+_WORD = re.compile(r"[a-z]+")
+
+def _words(caption: str) -> list[str]: return _WORD.findall(caption.lower())
+
+def build_noun_vocab(captions, min_count: int = 20, max_size: int = 2000, stopwords=STOPWORDS) -> list[str]:
+    "Frequent content words of a caption corpus (plurals folded onto singulars that occur), most frequent first."
+    c = Counter(w for cap in captions for w in _words(cap) if w not in stopwords and len(w) > 1)
+    fold = {}
+    for w in list(c):
+        for suf in ('es', 's'):
+            if w.endswith(suf) and w[:-len(suf)] in c: fold[w] = w[:-len(suf)]; break
+    merged = Counter()
+    for w, n in c.items(): merged[fold.get(w, w)] += n
+    return [w for w, n in merged.most_common(max_size) if n >= min_count]
+
+class NounExtractor:
+    "Words of a caption that are in `vocab` (plurals folded), in order of first appearance, without repeats."
+    def __init__(self, vocab):
+        self.vocab = list(vocab); self._set = set(self.vocab)
+    def __call__(self, caption: str) -> list[str]:
+        out = []
+        for w in _words(caption):
+            for cand in (w, w[:-2] if w.endswith('es') else None, w[:-1] if w.endswith('s') else None):
+                if cand and cand in self._set:
+                    if cand not in out: out.append(cand)
+                    break
+        return out
+
+def _gather_objects(obj):
+    rank, ws = _world()
+    if ws == 1: return [obj]
+    out = [None] * ws; dist.all_gather_object(out, obj); return out
+
+def _gather_var_with_grad(x: torch.Tensor) -> torch.Tensor:
+    "All-gather tensors whose first dimension differs between ranks (padded, then cut), with gradients."
+    rank, ws = _world()
+    if ws == 1: return x
+    sizes = _gather_objects(int(x.shape[0])); m = max(sizes)
+    pad = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])]) if m > x.shape[0] else x
+    parts = _gather_with_grad(pad).split(m)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_emb: torch.Tensor, prompts: list[str],
+                              logit_scale: torch.Tensor) -> torch.Tensor:
+    """`img` `BxD` normalised image embeddings; `nouns[i]` the words of caption i; `prompts` the distinct words of
+    this rank's batch and `prompt_emb` their normalised prompt embeddings (`UxD`). Returns the multi-positive
+    InfoNCE above (0 when no caption has a noun)."""
+    g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb)
+    all_nouns = [n for part in _gather_objects(list(map(list, nouns))) for n in part]
+    all_prompts = [p for part in _gather_objects(list(prompts)) for p in part]
+    pos = torch.tensor([[p in set(ns) for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
+    if pos.numel() == 0 or not pos.any(): return img.sum() * 0.0 + prompt_emb.sum() * 0.0
+    logits = logit_scale * g @ t.T
+    neg = torch.finfo(logits.dtype).min
+    rows, cols = pos.any(1), pos.any(0)
+    li = -(logits.masked_fill(~pos, neg).logsumexp(1) - logits.logsumexp(1))[rows].mean()
+    lt = -(logits.T.masked_fill(~pos.T, neg).logsumexp(1) - logits.T.logsumexp(1))[cols].mean()
+    return (li + lt) / 2

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .core import set_seed, rng_state, set_rng_state, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, make_run_dir, get_device
 from .captions import CsvCaptions, collate_captions
+from .losses import build_noun_vocab
 from .views import MultiView, ViewConfig
 from .vilseg import ViLSeg, ViLSegConfig
 from .segdata import VOCStyleSegmentation
@@ -45,6 +46,9 @@ class TrainConfig:
     ema_momentum: float = 0.0
     cross_pool: str = 'mean'
     attn_temperature: float = 0.1
+    lambda_nouns: float = 0.0         # multi-label noun-prompt contrast (GroupViT); vocabulary from the train captions
+    noun_template: str = 'a photo of a {}.'
+    noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64
     n_local: int = 4
@@ -202,6 +206,12 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if ws > 1 else model
 
     train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
+    if cfg.lambda_nouns > 0:
+        caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]
+        vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count)
+        if not vocab: raise ValueError(f'no word occurs {cfg.noun_min_count} times in the captions: lower noun_min_count or set lambda_nouns=0')
+        _unwrap(ddp).set_noun_vocab(vocab)
+        if rank == 0: atomic_write_text(out / 'noun_vocab.txt', '\n'.join(vocab) + '\n')
     sampler = ResumableBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, ws, start_step=step)
     loader = DataLoader(SeededSamples(train_ds), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate_captions, persistent_workers=cfg.num_workers > 0,

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoders import create_clip, image_features, text_features
-from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss
+from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, NounExtractor
 from .clustering import ClusterHead, cluster_embeddings
 from .views import align_to_pair, normalize
 
@@ -37,6 +37,8 @@ class ViLSegConfig:
     ema_momentum: float = 0.0         # 0: targets are the student's own global embeddings (stop-gradient)
     cross_pool: str = 'mean'          # 'mean': the paper's global embedding; 'attn': caption-conditioned pooling (PACL)
     attn_temperature: float = 0.1
+    lambda_nouns: float = 0.0         # GroupViT-style multi-label noun-prompt contrast (0: off, as in the paper)
+    noun_template: str = 'a photo of a {}.'
 
 # %% ../nbs/08_vilseg.ipynb #c004
 def _as_names(class_names) -> list[list[str]]:
@@ -54,6 +56,11 @@ class ViLSeg(nn.Module):
         if cfg.ema_momentum > 0:
             self.teacher = copy.deepcopy(self.clip.visual).requires_grad_(False)
         self._text_cache = {}
+        self.nouns = None                 # a NounExtractor, set by `set_noun_vocab` when lambda_nouns > 0
+
+    def set_noun_vocab(self, vocab):
+        "The words that `L_nouns` turns into prompts (see `losses.build_noun_vocab`)."
+        self.nouns = NounExtractor(vocab)
 
     # ---- training -------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int | None = None) -> dict:
@@ -72,6 +79,15 @@ class ViLSeg(nn.Module):
             out = {'cross': cross_modal_loss(img, txt, scale)}
         else: raise ValueError(f"cross_pool must be 'mean' or 'attn', got {cfg.cross_pool!r}")
         loss = out['cross']
+        if cfg.lambda_nouns > 0:
+            if self.nouns is None: raise RuntimeError('lambda_nouns > 0 needs a noun vocabulary: call set_noun_vocab (train does)')
+            if 'caption' not in batch: raise ValueError("lambda_nouns > 0 needs the batch's 'caption' strings")
+            nouns = [self.nouns(c) for c in batch['caption']]
+            words = sorted({w for ns in nouns for w in ns})
+            pe = clip.encode_text(self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
+                if words else torch.zeros(0, txt.shape[1], device=g.device)
+            out['nouns'] = multi_label_contrast_loss(img, nouns, pe, words, scale)
+            loss = loss + cfg.lambda_nouns * out['nouns']
         if cfg.lambda_vision > 0 and 'local' in batch:
             B, m = batch['local'].shape[:2]
             loc = image_features(clip, batch['local'].flatten(0, 1), dense='none')['global']

@@ -40,7 +40,7 @@ def cluster_colors(clusters) -> np.ndarray:
     return (cm(c % 20)[..., :3] * 255).astype(np.uint8)
 
 # %% ../nbs/13_viz.ipynb #c005
-def plot_curves(metrics_jsonl, keys=('loss', 'cross', 'vision', 'cluster'), path=None, ax=None):
+def plot_curves(metrics_jsonl, keys=('loss', 'cross', 'vision', 'cluster', 'nouns'), path=None, ax=None):
     "Training curves from a run's `metrics.jsonl` (and validation mIoU where logged)."
     recs = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
     tr = pd.DataFrame([r for r in recs if 'loss' in r]); va = pd.DataFrame([r for r in recs if 'val_miou' in r])

@@ -92,7 +92,8 @@ def write_coco_stuff(t):
 
 def write_ade(r):
     gray_jpg(r / 'images' / 'validation' / 'ADE_val_00000001.jpg')
-    png(r / 'annotations' / 'validation' / 'ADE_val_00000001.png', regions([13, 1, 3], 0))    # person, wall, sky; 0 = other
+    lab = regions([13, 1, 3]); lab[0] = 0                                                      # person, wall, sky; 0 = other
+    png(r / 'annotations' / 'validation' / 'ADE_val_00000001.png', lab)
     return r
 
 
@@ -235,3 +236,53 @@ def test_protocol_errors(tmp_path):
     with pytest.raises(ValueError, match='method'): evaluate_run(None, 'vilseg-micro', preset='voc21', data=tmp_path, method='cluster')
     for name, p in PRESETS.items():
         assert p.name == name and (p.background == (name in ('voc21', 'context60', 'coco_object', 'world')))
+
+
+def _script(name, *args):
+    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / name), *map(str, args), '--quiet'] if name != 'ade20k.py'
+                       else [sys.executable, str(ROOT / 'data_prep' / name), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_data_prep_scripts_end_to_end(tmp_path):
+    import zipfile
+    from vilseg.segdata import read_label, VOCSegmentation, PascalContext, CocoStuff, ADE20K
+    # VOC + SBD aug: SBD's GTcls.Segmentation .mat files become PNGs; aug = SBD train+val + VOC train - VOC val
+    voc = write_voc(tmp_path / 'VOC2012')
+    (voc / 'ImageSets' / 'Segmentation' / 'train.txt').write_text('2007_000042\n')
+    sbd = tmp_path / 'benchmark_RELEASE' / 'dataset'; (sbd / 'cls').mkdir(parents=True)
+    (sbd / 'train.txt').write_text('2008_000001\n2007_000033\n'); (sbd / 'val.txt').write_text('2008_000002\n')
+    for i in ('2008_000001', '2008_000002', '2007_000033'):
+        savemat(sbd / 'cls' / f'{i}.mat', {'GTcls': {'Segmentation': regions([15, 1, 0]).astype(np.uint8)}})
+    st = _script('voc.py', '--voc-root', voc, '--sbd', sbd.parent)
+    # 2007_000033 has a VOC label (VOC's wins); both VOC ids are in val, so aug keeps the two SBD-only ids
+    assert st['val']['images'] == 2 and st['aug']['aug'] == 2 and st['aug']['sbd'] == 2
+    assert (voc / 'ImageSets' / 'Segmentation' / 'aug.txt').read_text().split() == ['2008_000001', '2008_000002']
+    assert read_label(voc / 'SegmentationClassAug' / '2008_000002.png')[0, :3].tolist() == [15, 15, 15]
+    # PASCAL Context from the official .mat files
+    t = tmp_path / 'ctx_src'; t.mkdir()
+    write_context(t)                                      # writes the official inputs (and converts once in-process)
+    st = _script('pascal_context.py', '--voc2010', t / 'VOC2010', '--annotations', t / 'trainval', '--out', tmp_path / 'pc', '--splits', 'val')
+    assert st['images'] == {'val': 1}
+    assert read_label(tmp_path / 'pc' / 'SegmentationClassContext' / '2008_000002.png').tolist() == \
+        read_label(t / 'context' / 'SegmentationClassContext' / '2008_000002.png').tolist()
+    assert len(PascalContext(tmp_path / 'pc', 'val', 60)) == 1
+    # COCO-Stuff
+    png(tmp_path / 'maps' / 'val2017' / '000000000139.png', regions([0, 17, 255]))
+    gray_jpg(tmp_path / 'coco' / 'val2017' / '000000000139.jpg')
+    st = _script('coco_stuff.py', '--maps', tmp_path / 'maps', '--images', tmp_path / 'coco', '--out', tmp_path / 'stuff')
+    ds = CocoStuff(tmp_path / 'stuff')      # stored value 17 = COCO id 18 (dog), the 17th thing class: train id 16
+    assert st['written'] == 1 and ds[0]['label'][0, [0, 20, 40]].tolist() == [0, 16, 255] and ds.class_names[16][0] == 'dog'
+    # ADE20K: check in place, and unpack a zip
+    ade = write_ade(tmp_path / 'ADEChallengeData2016')
+    assert _script('ade20k.py', '--root', ade)['images'] == 1
+    with zipfile.ZipFile(tmp_path / 'ade.zip', 'w') as z:
+        for f in ade.rglob('*'):
+            if f.is_file(): z.write(f, f.relative_to(tmp_path))
+    st = _script('ade20k.py', '--zip', tmp_path / 'ade.zip', '--out', tmp_path / 'unz')
+    assert st['images'] == 1 and len(ADE20K(tmp_path / 'unz' / 'ADEChallengeData2016')) == 1
+    # a label outside 0..150 is reported with its file
+    png(ade / 'annotations' / 'validation' / 'ADE_val_00000001.png', np.full((H, W), 200))
+    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'ade20k.py'), '--root', str(ade)], capture_output=True, text=True)
+    assert r.returncode == 1 and 'ADE_val_00000001.png' in r.stderr

@@ -4,10 +4,11 @@
 
 # %% ../nbs/10_evaluate.ipynb #c002
 from __future__ import annotations
-import math
+import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .metrics import ConfusionMatrix
@@ -28,7 +29,6 @@ def _stack_or_none(items):
 
 def _resize_short(x: torch.Tensor, short_side: int) -> torch.Tensor:
     "uint8 `Bx3xHxW` -> shorter side `short_side`, aspect kept (bilinear, antialiased, as mmseg's keep-ratio `Resize`)."
-    from torchvision.transforms.v2 import functional as TF
     return TF.resize(x, short_side, antialias=True)
 
 @torch.no_grad()
@@ -45,7 +45,6 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
     (resized) image. `bg_score`: the background threshold applies to the best foreground 'cosine' score, or
     to the best softmax 'prob'ability over the foreground classes at `prob_scale` (default: the model's
     logit scale), as in MaskCLIP/SCLIP-style evaluation."""
-    import time
     class_names = class_names or dataset.class_names
     C = len(class_names)
     if bg_index is not None and not 0 <= bg_index < C: raise ValueError(f'bg_index={bg_index} is not a class index (0..{C - 1})')

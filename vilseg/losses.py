@@ -112,11 +112,11 @@ def _gather_objects(obj):
     if ws == 1: return [obj]
     out = [None] * ws; dist.all_gather_object(out, obj); return out
 
-def _gather_var_with_grad(x: torch.Tensor) -> torch.Tensor:
-    "All-gather tensors whose first dimension differs between ranks (padded, then cut), with gradients."
+def _gather_var_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    "All-gather tensors whose first dimension differs between ranks (`sizes`: each rank's; padded, then cut), with gradients."
     rank, ws = _world()
     if ws == 1: return x
-    sizes = _gather_objects(int(x.shape[0])); m = max(sizes)
+    m = max(sizes)
     pad = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])]) if m > x.shape[0] else x
     parts = _gather_with_grad(pad).split(m)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
@@ -126,10 +126,11 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
     """`img` `BxD` normalised image embeddings; `nouns[i]` the words of caption i; `prompts` the distinct words of
     this rank's batch and `prompt_emb` their normalised prompt embeddings (`UxD`). Returns the multi-positive
     InfoNCE above (0 when no caption has a noun)."""
-    g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb)
-    all_nouns = [n for part in _gather_objects(list(map(list, nouns))) for n in part]
-    all_prompts = [p for part in _gather_objects(list(prompts)) for p in part]
-    pos = torch.tensor([[p in set(ns) for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
+    prompt_parts = _gather_objects(list(prompts))
+    g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb, [len(part) for part in prompt_parts])
+    all_nouns = [set(n) for part in _gather_objects(list(map(list, nouns))) for n in part]
+    all_prompts = [p for part in prompt_parts for p in part]
+    pos = torch.tensor([[p in ns for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
     if pos.numel() == 0 or not pos.any(): return img.sum() * 0.0 + prompt_emb.sum() * 0.0
     logits = logit_scale * g @ t.T
     neg = torch.finfo(logits.dtype).min

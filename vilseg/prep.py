@@ -11,17 +11,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import VilsegDataError, _atomic_write_bytes, atomic_write_text
-from .segdata import CONTEXT59, IGNORE_INDEX, norm_name, read_label
+from .segdata import CONTEXT59, IGNORE_INDEX, norm_name, read_label, _ids_from_list as _ids
 
 # %% auto #0
 __all__ = ['check_voc', 'sbd_to_voc', 'read_context_labels', 'context_lut', 'context_to_voc_layout', 'coco_stuff_lut',
            'coco_stuff_to_train_ids', 'check_ade20k']
 
 # %% ../nbs/15_prep.ipynb #c003
-def _png_bytes(a: np.ndarray, palette=None) -> bytes:
-    im = Image.fromarray(a.astype(np.uint8), mode='L' if palette is None else 'P')
-    if palette is not None: im.putpalette(palette)
-    buf = io.BytesIO(); im.save(buf, format='PNG'); return buf.getvalue()
+def _png_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO(); Image.fromarray(a.astype(np.uint8), mode='L').save(buf, format='PNG'); return buf.getvalue()
 
 def _loadmat(path: Path, key: str):
     from scipy.io import loadmat
@@ -29,10 +27,6 @@ def _loadmat(path: Path, key: str):
     except Exception as e: raise VilsegDataError(path, f'cannot read .mat file ({type(e).__name__}: {e})') from e
     if key not in m: raise VilsegDataError(path, f'no {key!r} in this .mat file (keys: {[k for k in m if not k.startswith("__")]})')
     return m[key]
-
-def _ids(list_file: Path) -> list[str]:
-    if not list_file.is_file(): raise VilsegDataError(list_file, 'split list not found')
-    return [l.split()[0] for l in list_file.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/15_prep.ipynb #c005
 def check_voc(voc_root, split: str = 'val') -> dict:
@@ -49,7 +43,7 @@ def sbd_to_voc(sbd_root, voc_root, progress: bool = True, skip_existing: bool = 
     d = sbd / 'dataset' if (sbd / 'dataset').is_dir() else sbd
     cls_dir = d / 'cls'
     if not cls_dir.is_dir(): raise VilsegDataError(cls_dir, 'SBD class-label folder not found (expected benchmark_RELEASE/dataset/cls)')
-    sbd_ids = list(dict.fromkeys(_ids(d / 'train.txt') + _ids(d / 'val.txt')))
+    sbd_ids = list(dict.fromkeys(_ids(d / 'train.txt') + _ids(d / 'val.txt')))   # _ids drops repeats within a list
     voc_train, voc_val = _ids(voc / 'ImageSets' / 'Segmentation' / 'train.txt'), set(_ids(voc / 'ImageSets' / 'Segmentation' / 'val.txt'))
     out = voc / 'SegmentationClassAug'; out.mkdir(parents=True, exist_ok=True)
     stats = dict(sbd=0, voc=0, skipped=0)
@@ -70,8 +64,7 @@ def sbd_to_voc(sbd_root, voc_root, progress: bool = True, skip_existing: bool = 
     return stats
 
 # %% ../nbs/15_prep.ipynb #c007
-_CONTEXT_ALIASES = {'diningtable': 'table', 'pottedplant': 'potted plant', 'tvmonitor': 'tv monitor',
-                    'motorbike': 'motorbike', 'aeroplane': 'aeroplane'}
+_CONTEXT_ALIASES = {'diningtable': 'table'}   # norm_name already equates 'pottedplant' and 'potted plant', etc.
 
 def read_context_labels(labels_txt) -> dict[int, str]:
     "`labels.txt` of PASCAL Context (`k: name` per line) -> {k: name}."

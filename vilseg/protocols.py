@@ -4,14 +4,13 @@
 
 # %% ../nbs/12_protocols.ipynb #c002
 from __future__ import annotations
-import json, math
+import json, sys
 from dataclasses import dataclass, replace, asdict, fields
 from pathlib import Path
-import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from .core import atomic_write_json, atomic_write_text
-from .segdata import load_benchmark, read_class_names, VOCStyleSegmentation, BENCHMARKS
+from .segdata import load_benchmark, read_class_names, VOCStyleSegmentation
 from .vilseg import ViLSeg, ViLSegConfig, WORLD_TEMPLATES
 from .evaluate import evaluate
 
@@ -80,7 +79,7 @@ def get_protocol(name: str | Protocol, **overrides) -> Protocol:
     known = {f.name for f in fields(Protocol)}
     bad = sorted(set(overrides) - known)
     if bad: raise ValueError(f'unknown protocol field(s) {bad}; fields: {sorted(known)}')
-    p = replace(p, **{k: v for k, v in overrides.items()})
+    p = replace(p, **overrides)
     if p.bg_score not in ('prob', 'cosine'): raise ValueError(f"bg_score must be 'prob' or 'cosine', got {p.bg_score!r}")
     if p.window is not None and (p.stride is None or not 0 < p.stride <= p.window):
         raise ValueError(f'{p.name}: the sliding window needs 0 < stride <= window (window={p.window}, stride={p.stride})')
@@ -126,31 +125,22 @@ def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster',
     r['data'] = str(root); r['split'] = ds.split
     return r
 
-def _jsonable(x):
-    if isinstance(x, dict): return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
-    if hasattr(x, 'tolist'): return _jsonable(x.tolist())
-    if isinstance(x, float) and math.isnan(x): return None
-    return x
-
 def write_results(result: dict, out_dir, plot: bool = True) -> dict:
     "metrics.json, per_class.csv (and per_class.png) in `out_dir`; returns the paths."
     import io
     from vilseg.metrics import per_class_table
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     table = per_class_table(result, result['class_names'])
-    keep = {k: v for k, v in result.items() if k not in ('confusion',)}
-    keep['per_class_iou'] = {c: (None if v != v else float(v)) for c, v in zip(result['class_names'], result['iou'])}
     paths = dict(metrics=out / 'metrics.json', per_class=out / 'per_class.csv')
-    atomic_write_json(paths['metrics'], _jsonable(keep))
+    atomic_write_json(paths['metrics'], dict(result, per_class_iou=dict(zip(result['class_names'], result['iou']))))
     buf = io.StringIO(); table.to_csv(buf, index=False); atomic_write_text(paths['per_class'], buf.getvalue())
     if plot:
         import matplotlib; matplotlib.use('Agg', force=False)
         import matplotlib.pyplot as plt
+        import pandas as pd
         from vilseg.viz import plot_per_class
         paths['figure'] = out / 'per_class.png'
         p = result['protocol']['name']
-        import pandas as pd
         plot_per_class(pd.DataFrame({result['method']: result['iou']}, index=result['class_names']), path=paths['figure'],
                        title=f"{p} ({result['method']}{', ' + result['dense'] if result['dense'] != 'tokens' else ''}): "
                              f"mIoU {result['miou']:.3f}")
@@ -183,7 +173,8 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
     p = get_protocol(preset)
     if bg_threshold is None and checkpoint and p.benchmark == 'world':
         bg_threshold = calibrated_threshold(checkpoint, method)
-        if bg_threshold is None: print(f'warning: no calibrated threshold next to {checkpoint}; using the preset\'s {p.bg_threshold}')
+        if bg_threshold is None:   # stderr: `vilseg eval` prints its JSON on stdout
+            print(f"warning: no calibrated threshold next to {checkpoint}; using the preset's {p.bg_threshold}", file=sys.stderr)
     if bg_threshold is not None: overrides['bg_threshold'] = float(bg_threshold)
     r = run_protocol(m, p, data, method=method, dense=dense, split=split, max_images=max_images,
                      thresholds=thresholds, device=device, progress=progress, **overrides)

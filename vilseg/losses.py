@@ -122,10 +122,12 @@ def _gather_var_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_emb: torch.Tensor, prompts: list[str],
-                              logit_scale: torch.Tensor) -> torch.Tensor:
+                              logit_scale: torch.Tensor, mode: str = 'soft') -> torch.Tensor:
     """`img` `BxD` normalised image embeddings; `nouns[i]` the words of caption i; `prompts` the distinct words of
     this rank's batch and `prompt_emb` their normalised prompt embeddings (`UxD`). Returns the multi-positive
-    InfoNCE above (0 when no caption has a noun)."""
+    contrast above (0 when no caption has a noun): `mode='soft'` GroupViT's soft-target cross-entropy (every
+    positive counts), `'any'` the log of the summed positive probability (one positive suffices)."""
+    if mode not in ('soft', 'any'): raise ValueError(f"mode must be 'soft' or 'any', got {mode!r}")
     prompt_parts = _gather_objects(list(prompts))
     g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb, [len(part) for part in prompt_parts])
     all_nouns = [set(n) for part in _gather_objects(list(map(list, nouns))) for n in part]
@@ -135,6 +137,11 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
     logits = logit_scale * g @ t.T
     neg = torch.finfo(logits.dtype).min
     rows, cols = pos.any(1), pos.any(0)
-    li = -(logits.masked_fill(~pos, neg).logsumexp(1) - logits.logsumexp(1))[rows].mean()
-    lt = -(logits.T.masked_fill(~pos.T, neg).logsumexp(1) - logits.T.logsumexp(1))[cols].mean()
+    if mode == 'any':
+        li = -(logits.masked_fill(~pos, neg).logsumexp(1) - logits.logsumexp(1))[rows].mean()
+        lt = -(logits.T.masked_fill(~pos.T, neg).logsumexp(1) - logits.T.logsumexp(1))[cols].mean()
+    else:
+        w = pos.to(logits.dtype)
+        li = -((logits.log_softmax(1) * w).sum(1)[rows] / w.sum(1)[rows]).mean()
+        lt = -((logits.T.log_softmax(1) * w.T).sum(1)[cols] / w.sum(0)[cols]).mean()
     return (li + lt) / 2

@@ -48,6 +48,7 @@ class TrainConfig:
     attn_temperature: float = 0.1
     lambda_nouns: float = 0.0         # multi-label noun-prompt contrast (GroupViT); vocabulary from the train captions
     noun_template: str = 'a photo of a {}.'
+    noun_loss: str = 'soft'
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoders import create_clip, image_features, text_features
+from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, NounExtractor
 from .clustering import ClusterHead, cluster_embeddings
 from .views import align_to_pair, normalize
@@ -39,6 +39,7 @@ class ViLSegConfig:
     attn_temperature: float = 0.1
     lambda_nouns: float = 0.0         # GroupViT-style multi-label noun-prompt contrast (0: off, as in the paper)
     noun_template: str = 'a photo of a {}.'
+    noun_loss: str = 'soft'           # 'soft': GroupViT's soft-target form (every noun counts); 'any': one noun suffices
 
 # %% ../nbs/08_vilseg.ipynb #c004
 def _as_names(class_names) -> list[list[str]]:
@@ -71,7 +72,7 @@ class ViLSeg(nn.Module):
         fg = image_features(clip, g, dense='tokens' if (cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn') else 'none')
         img = F.normalize(fg['global'], dim=-1)
         tokens = batch['tokens'] if 'tokens' in batch else self.tokenizer(batch['caption']).to(g.device)
-        txt = clip.encode_text(tokens, normalize=True)
+        txt = encode_text(clip, tokens, normalize=True)
         scale = clip.logit_scale.exp()
         if cfg.cross_pool == 'attn':
             out = {'cross': attentive_cross_modal_loss(F.normalize(fg['patches'].flatten(1, 2), dim=-1), txt, scale, cfg.attn_temperature)}
@@ -84,9 +85,9 @@ class ViLSeg(nn.Module):
             if 'caption' not in batch: raise ValueError("lambda_nouns > 0 needs the batch's 'caption' strings")
             nouns = [self.nouns(c) for c in batch['caption']]
             words = sorted({w for ns in nouns for w in ns})
-            pe = clip.encode_text(self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
+            pe = encode_text(clip, self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
                 if words else torch.zeros(0, txt.shape[1], device=g.device)
-            out['nouns'] = multi_label_contrast_loss(img, nouns, pe, words, scale)
+            out['nouns'] = multi_label_contrast_loss(img, nouns, pe, words, scale, mode=cfg.noun_loss)
             loss = loss + cfg.lambda_nouns * out['nouns']
         if cfg.lambda_vision > 0 and 'local' in batch:
             B, m = batch['local'].shape[:2]

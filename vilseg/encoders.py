@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import open_clip
+from open_clip.transformer import text_global_pool
 
 from .core import atomic_write_text
 
@@ -151,8 +152,7 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False) -> torch.T
     the result: the output equals `model.encode_text(tokens)` (to float rounding) at a fraction of the cost for
     short captions and prompts. Models without a causal CLIP text tower fall back to `model.encode_text`."""
     pool = getattr(model, 'text_pool_type', None)
-    if (getattr(model, 'attn_mask', None) is None or pool not in ('argmax', 'eos') or not hasattr(model, 'token_embedding')
-            or tokens.shape[1] < 2):
+    if getattr(model, 'attn_mask', None) is None or pool not in ('argmax', 'eos'):
         return model.encode_text(tokens, normalize=normalize)
     eos = tokens.argmax(-1) if pool == 'argmax' else (tokens == model.text_eos_id).int().argmax(-1)
     n = int(eos.max()) + 1
@@ -161,7 +161,7 @@ def encode_text(model, tokens: torch.Tensor, normalize: bool = False) -> torch.T
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-    x = x[torch.arange(x.shape[0], device=x.device), eos]
+    x = text_global_pool(x, t, pool, eos_token_id=getattr(model, 'text_eos_id', None))
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1) if normalize else x

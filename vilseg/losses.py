@@ -135,9 +135,9 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
     pos = torch.tensor([[p in ns for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
     if pos.numel() == 0 or not pos.any(): return img.sum() * 0.0 + prompt_emb.sum() * 0.0
     logits = logit_scale * g @ t.T
-    neg = torch.finfo(logits.dtype).min
     rows, cols = pos.any(1), pos.any(0)
     if mode == 'any':
+        neg = torch.finfo(logits.dtype).min
         li = -(logits.masked_fill(~pos, neg).logsumexp(1) - logits.logsumexp(1))[rows].mean()
         lt = -(logits.T.masked_fill(~pos.T, neg).logsumexp(1) - logits.T.logsumexp(1))[cols].mean()
     else:

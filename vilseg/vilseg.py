@@ -49,6 +49,7 @@ class ViLSeg(nn.Module):
     def __init__(self, cfg: ViLSegConfig | None = None, **kw):
         super().__init__()
         self.cfg = cfg = cfg or ViLSegConfig(**kw)
+        if cfg.noun_loss not in ('soft', 'any'): raise ValueError(f"noun_loss must be 'soft' or 'any', got {cfg.noun_loss!r}")
         self.clip, self.tokenizer = create_clip(cfg.model, cfg.pretrained)
         dim = self.clip.visual.output_dim
         self.head = ClusterHead(dim, cfg.n_clusters, cfg.head_hidden)

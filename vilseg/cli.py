@@ -31,22 +31,31 @@ def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
 
 def _bool(s): return str(s).lower() in ('1', 'true', 'yes', 'y')
 
-def _train_parser(p):
-    for f in fields(TrainConfig):
+def _dataclass_parser(p, cls, free_tuples: bool = False):
+    "One option per field of dataclass `cls` (`--field-name`), typed by its default; tuples take `len` floats (any number if `free_tuples`)."
+    for f in fields(cls):
         name = '--' + f.name.replace('_', '-'); d = f.default
         if isinstance(d, bool): p.add_argument(name, type=_bool, default=d, metavar='BOOL')
-        elif isinstance(d, tuple): p.add_argument(name, type=float, nargs=len(d), default=d)
+        elif isinstance(d, tuple): p.add_argument(name, type=float, nargs='+' if free_tuples else len(d), default=d)
         elif d is None: p.add_argument(name, default=None)
         else: p.add_argument(name, type=type(d), default=d)
+
+def _train_parser(p): _dataclass_parser(p, TrainConfig)
+
+def _from_args(cls, a):
+    "An instance of dataclass `cls` from the parsed options of `_dataclass_parser` (lists back to tuples)."
+    kw = {f.name: getattr(a, f.name) for f in fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()})
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog='vilseg', description='Open-world semantic segmentation from image-caption pairs')
     sub = ap.add_subparsers(dest='cmd', required=True)
-    w = sub.add_parser('world', help='generate the embedded synthetic world')
+    w = sub.add_parser('world', help='generate the embedded synthetic world (every WorldConfig field is an option)')
     w.add_argument('--out', default='data/world'); w.add_argument('--n-train', type=int, default=20000)
-    w.add_argument('--n-val', type=int, default=500); w.add_argument('--image-size', type=int, default=64)
-    w.add_argument('--seed', type=int, default=0); w.add_argument('--workers', type=int, default=None)
+    w.add_argument('--n-val', type=int, default=500); w.add_argument('--workers', type=int, default=None)
     w.add_argument('--figure', default=None, help='save a grid of samples here')
+    from vilseg.world import WorldConfig
+    _dataclass_parser(w, WorldConfig, free_tuples=True)
     _train_parser(sub.add_parser('train', help='train ViL-Seg (torchrun-compatible)'))
     s = sub.add_parser('segment', help='segment an image into the given class names')
     s.add_argument('--checkpoint', required=True); s.add_argument('--image', required=True)
@@ -81,13 +90,13 @@ def main(argv=None):
 
     if a.cmd == 'world':
         from vilseg.world import make_world, WorldConfig, show_world
-        info = make_world(a.out, a.n_train, a.n_val, WorldConfig(image_size=a.image_size, seed=a.seed), workers=a.workers)
+        try: wcfg = _from_args(WorldConfig, a)
+        except ValueError as e: ap.error(str(e))
+        info = make_world(a.out, a.n_train, a.n_val, wcfg, workers=a.workers)
         if a.figure: show_world(a.out, n=16, cols=8, path=a.figure)
         print(json.dumps({k: info[k] for k in ('n_train', 'n_val', 'images_per_second', 'seconds')}))
     elif a.cmd == 'train':
-        kw = {f.name: getattr(a, f.name) for f in fields(TrainConfig)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
-        r = train(TrainConfig(**kw))
+        r = train(_from_args(TrainConfig, a))
         print(json.dumps({k: v for k, v in r.items() if k not in ('val',)}, indent=1))
     elif a.cmd == 'segment':
         from vilseg.captions import load_image

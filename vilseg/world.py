@@ -110,6 +110,18 @@ class WorldConfig:
     p_distractor: float = 0.3
     seed: int = 0
 
+    def __post_init__(self):
+        "Refuse settings that cannot make a world, naming the field."
+        def bad(name, why): raise ValueError(f'WorldConfig.{name} = {getattr(self, name)!r}: {why}')
+        if self.image_size < 8: bad('image_size', 'must be at least 8 pixels')
+        if not 1 <= self.min_objects <= self.max_objects: bad('min_objects', f'must be >= 1 and <= max_objects ({self.max_objects})')
+        if not 0 < self.min_size <= self.max_size <= 1: bad('min_size', f'need 0 < min_size <= max_size ({self.max_size}) <= 1')
+        for f in ('min_visible', 'bg_saturation', 'p_plain', 'p_color_word', 'p_size_word', 'p_texture_word', 'p_omit', 'p_distractor'):
+            if not 0 <= getattr(self, f) <= 1: bad(f, 'must lie in [0, 1]')
+        if self.clutter < 0: bad('clutter', 'must be >= 0')
+        if self.object_weights and (min(self.object_weights) < 0 or sum(self.object_weights) <= 0):
+            bad('object_weights', 'needs non-negative weights with a positive sum')
+
 def _rng(cfg: WorldConfig, index: int) -> random.Random:
     return random.Random(cfg.seed * 1_000_003 + index * 7_919 + 17)
 

@@ -14,6 +14,7 @@ from PIL import Image
 from .core import load_checkpoint, atomic_write_json, VilsegDataError
 from .train import TrainConfig, train
 from .vilseg import ViLSeg, ViLSegConfig
+from .world import WorldConfig
 
 # %% auto #0
 __all__ = ['load_model', 'main']
@@ -40,8 +41,6 @@ def _dataclass_parser(p, cls, free_tuples: bool = False):
         elif d is None: p.add_argument(name, default=None)
         else: p.add_argument(name, type=type(d), default=d)
 
-def _train_parser(p): _dataclass_parser(p, TrainConfig)
-
 def _from_args(cls, a):
     "An instance of dataclass `cls` from the parsed options of `_dataclass_parser` (lists back to tuples)."
     kw = {f.name: getattr(a, f.name) for f in fields(cls)}
@@ -54,9 +53,8 @@ def main(argv=None):
     w.add_argument('--out', default='data/world'); w.add_argument('--n-train', type=int, default=20000)
     w.add_argument('--n-val', type=int, default=500); w.add_argument('--workers', type=int, default=None)
     w.add_argument('--figure', default=None, help='save a grid of samples here')
-    from vilseg.world import WorldConfig
     _dataclass_parser(w, WorldConfig, free_tuples=True)
-    _train_parser(sub.add_parser('train', help='train ViL-Seg (torchrun-compatible)'))
+    _dataclass_parser(sub.add_parser('train', help='train ViL-Seg (torchrun-compatible)'), TrainConfig)
     s = sub.add_parser('segment', help='segment an image into the given class names')
     s.add_argument('--checkpoint', required=True); s.add_argument('--image', required=True)
     s.add_argument('--classes', required=True, help='comma-separated class names; use "|" between synonyms, e.g. "ring|donut,star"')
@@ -89,7 +87,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     if a.cmd == 'world':
-        from vilseg.world import make_world, WorldConfig, show_world
+        from vilseg.world import make_world, show_world
         try: wcfg = _from_args(WorldConfig, a)
         except ValueError as e: ap.error(str(e))
         info = make_world(a.out, a.n_train, a.n_val, wcfg, workers=a.workers)

@@ -72,7 +72,7 @@ def main(argv=None):
     e.add_argument('--data', default='data/world', help='data root in the layout of the preset (see data_prep/)')
     e.add_argument('--split', default=None, help="default: the preset's validation split")
     e.add_argument('--method', default=None, choices=['cluster', 'dense'], help='default: cluster for a checkpoint, dense for --model')
-    e.add_argument('--dense', default='tokens', choices=['tokens', 'value'], help="patch features; 'value' = MaskCLIP's trick")
+    e.add_argument('--dense', default=None, choices=['tokens', 'value'], help="patch features; 'value' = MaskCLIP's trick (default: the checkpoint's own, else tokens)")
     e.add_argument('--bg-threshold', type=float, default=None, help="default: calibrated in training (world) or the preset's")
     e.add_argument('--thresholds', type=float, nargs='*', default=None, help='also sweep these background thresholds')
     for k, t in (('short-side', int), ('window', int), ('stride', int)):

@@ -113,7 +113,7 @@ def _value_block(block, x):
 
 def image_features(model, images: torch.Tensor, dense: str = 'tokens', normalize: bool = False) -> dict:
     """Normalised-pixel images `Bx3xHxW` -> dict(global=`BxD`, patches=`BxhxwxD`, grid=(h, w)).
-    `dense`: 'tokens' (patch tokens through ln_post and proj), 'value' (MaskCLIP value-embedding trick), or
+    `dense`: 'tokens' (patch tokens through ln_post and proj), 'value' (MaskCLIP value-embedding trick; the final tokens are returned as well, under `tokens`), or
     'none' (global only)."""
     v = model.visual
     if not hasattr(v, 'conv1') or getattr(v, 'attn_pool', None) is not None:
@@ -139,11 +139,15 @@ def image_features(model, images: torch.Tensor, dense: str = 'tokens', normalize
     pooled, tokens = v._pool(x)
     g = pooled @ v.proj
     out = {'global': F.normalize(g, dim=-1) if normalize else g, 'grid': (h, w)}
-    if dense != 'none':
-        t = xv[:, 1:] if dense == 'value' else tokens
-        if dense == 'value' or v.final_ln_after_pool: t = v.ln_post(t)
+    def project(t, ln):
+        if ln: t = v.ln_post(t)
         z = (t @ v.proj).reshape(B, h, w, -1)
-        out['patches'] = F.normalize(z, dim=-1) if normalize else z
+        return F.normalize(z, dim=-1) if normalize else z
+    if dense == 'value':
+        out['patches'] = project(xv[:, 1:], True)
+        out['tokens'] = project(tokens, v.final_ln_after_pool)     # the final patch tokens as well, at no extra cost
+    elif dense != 'none':
+        out['patches'] = project(tokens, v.final_ln_after_pool)
     return out
 
 def encode_text(model, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from .metrics import ConfusionMatrix
 
 # %% auto #0
-__all__ = ['evaluate', 'calibrate_threshold', 'slide_scores', 'patch_oracle_labels', 'patch_oracle']
+__all__ = ['evaluate', 'calibrate_threshold', 'slide_scores', 'patch_oracle_labels', 'patch_oracle', 'roc_auc',
+           'localization_auc']
 
 # %% ../nbs/10_evaluate.ipynb #c003
 def _batches(dataset, batch_size, max_images):
@@ -35,7 +36,7 @@ def _resize_short(x: torch.Tensor, short_side: int) -> torch.Tensor:
 def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index: int | None = 0,
              bg_threshold: float = 0.0, thresholds=None, batch_size: int = 32, max_images: int | None = None,
              templates=None, window: int | None = None, stride: int | None = None, short_side: int | None = None,
-             bg_score: str = 'cosine', prob_scale: float | None = None, dense: str = 'tokens', device='cpu',
+             bg_score: str = 'cosine', prob_scale: float | None = None, dense: str | None = None, device='cpu',
              progress: bool = True, seen=None, unseen=None) -> dict:
     """mIoU of `model` on `dataset` (items with uint8 `image` and `label`). With `thresholds`, sweeps the
     background threshold and returns `sweep` (threshold -> mIoU) and the metrics at `bg_threshold`.
@@ -131,3 +132,35 @@ def patch_oracle(dataset, patch: int, max_images: int | None = None) -> dict:
     for i in range(n):
         lab = dataset[i]['label']; cm.update(patch_oracle_labels(lab, patch, C), lab)
     return cm.compute()
+
+# %% ../nbs/10_evaluate.ipynb #c010
+def roc_auc(pos, neg) -> float:
+    "P(a random positive scores above a random negative), ties counting half (Mann–Whitney U / n1 n0)."
+    from scipy.stats import rankdata
+    pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
+    if not len(pos) or not len(neg): raise ValueError(f'roc_auc needs positives and negatives, got {len(pos)} and {len(neg)}')
+    r = rankdata(np.concatenate([pos, neg]))
+    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+@torch.no_grad()
+def localization_auc(model, dataset, class_names=None, method: str = 'dense', bg_index: int = 0, dense: str | None = None,
+                     max_images: int | None = None, batch_size: int = 32, max_pixels: int = 200_000, seed: int = 0,
+                     device='cpu', progress: bool = True) -> dict:
+    "Object-vs-background ROC AUC of the best foreground class score per pixel (see above)."
+    class_names = class_names or dataset.class_names
+    fg_names = [c for i, c in enumerate(class_names) if i != bg_index]
+    model.eval()
+    fg, bg = [], []
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for items in tqdm(list(_batches(dataset, batch_size, max_images)), desc='localisation AUC', disable=not progress, leave=False):
+        for it in items:
+            x = it['image'][None].to(device)
+            best = model.scores(x, fg_names, method=method, bg_index=None, dense=dense)[0].max(0).values.cpu()
+            lab = it['label']; valid = lab != 255
+            fg.append(best[valid & (lab != bg_index)]); bg.append(best[valid & (lab == bg_index)])
+    fg, bg = torch.cat(fg), torch.cat(bg)
+    g = torch.Generator().manual_seed(seed)
+    def sub(v, k): return v[torch.randperm(len(v), generator=g)[:k]] if len(v) > k else v
+    k = max_pixels * len(fg) // max(len(fg) + len(bg), 1)
+    return {'auc': roc_auc(sub(fg, max(k, 1)).numpy(), sub(bg, max(max_pixels - k, 1)).numpy()), 'method': method,
+            'object_pixels': len(fg), 'background_pixels': len(bg), 'n_images': n}

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from open_clip.loss import ClipLoss
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss', 'iic_loss',
-           'build_noun_vocab', 'NounExtractor', 'multi_label_contrast_loss']
+__all__ = ['STOPWORDS', 'NOUN_PARSES', 'cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss',
+           'iic_loss', 'caption_words', 'build_noun_vocab', 'NounExtractor', 'lse_pool', 'multi_label_contrast_loss']
 
 # %% ../nbs/06_losses.ipynb #c004
 def _world():
@@ -80,12 +80,25 @@ too very can will just one two three four five six seven eight nine ten several 
 image shot view scene my your our their his her we you they i me us them who what which where when how'''.split())
 
 _WORD = re.compile(r"[a-z]+")
+_TOKEN = re.compile(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]")
+NOUN_PARSES = ('words', 'heads')
 
 def _words(caption: str) -> list[str]: return _WORD.findall(caption.lower())
 
-def build_noun_vocab(captions, min_count: int = 20, max_size: int = 2000, stopwords=STOPWORDS) -> list[str]:
-    "Frequent content words of a caption corpus (plurals folded onto singulars that occur), most frequent first."
-    c = Counter(w for cap in captions for w in _words(cap) if w not in stopwords and len(w) > 1)
+def caption_words(caption: str, parse: str = 'words', stopwords=STOPWORDS) -> list[str]:
+    """Candidate nouns of a caption, in order, with repeats: `'words'` every content word (not a stopword, two
+    letters or more); `'heads'` the head of each noun phrase, i.e. a content word not directly followed by
+    another content word (hyphenated words count as one, and give their last part)."""
+    if parse == 'words': return [w for w in _words(caption) if w not in stopwords and len(w) > 1]
+    if parse != 'heads': raise ValueError(f"parse must be one of {NOUN_PARSES}, got {parse!r}")
+    toks = _TOKEN.findall(caption.lower())
+    content = [t[0].isalpha() and t not in stopwords for t in toks]
+    heads = [t.split('-')[-1] for i, t in enumerate(toks) if content[i] and not (i + 1 < len(toks) and content[i + 1])]
+    return [w for w in heads if len(w) > 1 and w not in stopwords]
+
+def build_noun_vocab(captions, min_count: int = 20, max_size: int = 2000, stopwords=STOPWORDS, parse: str = 'words') -> list[str]:
+    "Frequent candidate nouns (`caption_words`) of a caption corpus (plurals folded onto singulars that occur), most frequent first."
+    c = Counter(w for cap in captions for w in caption_words(cap, parse, stopwords))
     fold = {}
     for w in list(c):
         for suf in ('es', 's'):
@@ -95,12 +108,13 @@ def build_noun_vocab(captions, min_count: int = 20, max_size: int = 2000, stopwo
     return [w for w, n in merged.most_common(max_size) if n >= min_count]
 
 class NounExtractor:
-    "Words of a caption that are in `vocab` (plurals folded), in order of first appearance, without repeats."
-    def __init__(self, vocab):
-        self.vocab = list(vocab); self._set = set(self.vocab)
+    "Candidate nouns of a caption (`caption_words` with `parse`) that are in `vocab` (plurals folded), in order of first appearance, without repeats."
+    def __init__(self, vocab, parse: str = 'words'):
+        if parse not in NOUN_PARSES: raise ValueError(f"parse must be one of {NOUN_PARSES}, got {parse!r}")
+        self.vocab, self.parse = list(vocab), parse; self._set = set(self.vocab)
     def __call__(self, caption: str) -> list[str]:
         out = []
-        for w in _words(caption):
+        for w in caption_words(caption, self.parse):
             for cand in (w, w[:-2] if w.endswith('es') else None, w[:-1] if w.endswith('s') else None):
                 if cand and cand in self._set:
                     if cand not in out: out.append(cand)
@@ -121,20 +135,28 @@ def _gather_var_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     parts = _gather_with_grad(pad).split(m)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
+def lse_pool(sim: torch.Tensor, tau: float) -> torch.Tensor:
+    "`B x N x U` patch–prompt similarities -> `B x U`: tau * log mean_p exp(s_p / tau), between the mean (large tau) and the max (tau -> 0)."
+    if tau <= 0: raise ValueError(f'tau must be > 0, got {tau}')
+    return tau * (torch.logsumexp(sim / tau, 1) - math.log(sim.shape[1]))
+
 def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_emb: torch.Tensor, prompts: list[str],
-                              logit_scale: torch.Tensor, mode: str = 'soft') -> torch.Tensor:
-    """`img` `BxD` normalised image embeddings; `nouns[i]` the words of caption i; `prompts` the distinct words of
-    this rank's batch and `prompt_emb` their normalised prompt embeddings (`UxD`). Returns the multi-positive
-    contrast above (0 when no caption has a noun): `mode='soft'` GroupViT's soft-target cross-entropy (every
-    positive counts), `'any'` the log of the summed positive probability (one positive suffices)."""
+                              logit_scale: torch.Tensor, mode: str = 'soft', tau: float = 0.1) -> torch.Tensor:
+    """`img` `BxD` normalised image embeddings, or `BxNxD` normalised patch embeddings (then each image–prompt
+    similarity is the log-sum-exp over patches at temperature `tau`, `lse_pool`); `nouns[i]` the words of caption
+    i; `prompts` the distinct words of this rank's batch and `prompt_emb` their normalised prompt embeddings
+    (`UxD`). Returns the multi-positive contrast above (0 when no caption has a noun): `mode='soft'` GroupViT's
+    soft-target cross-entropy (every positive counts), `'any'` the log of the summed positive probability (one
+    positive suffices)."""
     if mode not in ('soft', 'any'): raise ValueError(f"mode must be 'soft' or 'any', got {mode!r}")
+    if img.dim() not in (2, 3): raise ValueError(f'img must be BxD or BxNxD, got shape {tuple(img.shape)}')
     prompt_parts = _gather_objects(list(prompts))
     g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb, [len(part) for part in prompt_parts])
     all_nouns = [set(n) for part in _gather_objects(list(map(list, nouns))) for n in part]
     all_prompts = [p for part in prompt_parts for p in part]
     pos = torch.tensor([[p in ns for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
     if pos.numel() == 0 or not pos.any(): return img.sum() * 0.0 + prompt_emb.sum() * 0.0
-    logits = logit_scale * g @ t.T
+    logits = logit_scale * (g @ t.T if g.dim() == 2 else lse_pool(g @ t.T, tau))
     rows, cols = pos.any(1), pos.any(0)
     if mode == 'any':
         neg = torch.finfo(logits.dtype).min

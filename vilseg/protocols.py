@@ -110,11 +110,12 @@ def clip_baseline(model: str = 'ViT-B-16', pretrained: str | None = None, device
     return m.eval().to(device)
 
 # %% ../nbs/12_protocols.ipynb #c011
-def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster', dense: str = 'tokens',
+def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster', dense: str | None = None,
                  split: str | None = None, max_images: int | None = None, thresholds=None, device='cpu',
                  progress: bool = True, seen=None, unseen=None, **overrides) -> dict:
     "Evaluate `model` with a preset (fields overridable by keyword); returns metrics and the protocol used."
     p = get_protocol(protocol, **overrides)
+    dense = dense or getattr(getattr(model, 'cfg', None), 'dense_features', 'tokens')   # the model's own patch embeddings
     ds, names, bg = protocol_dataset(p, root, split)
     r = evaluate(model, ds, class_names=names, method=method, bg_index=bg, bg_threshold=p.bg_threshold,
                  thresholds=thresholds, batch_size=1 if p.short_side or p.window else 32, max_images=max_images,
@@ -156,7 +157,7 @@ def calibrated_threshold(checkpoint, method: str) -> float | None:
     return float(v['bg_threshold']) if 'bg_threshold' in v else None
 
 def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | None = None, preset: str = 'world',
-                 data='data/world', split: str | None = None, method: str | None = None, dense: str = 'tokens',
+                 data='data/world', split: str | None = None, method: str | None = None, dense: str | None = None,
                  bg_threshold: float | None = None, thresholds=None, max_images: int | None = None, out_dir=None,
                  overwrite: bool = False, device='cpu', progress: bool = True, **overrides) -> dict:
     "Evaluate a checkpoint or an open_clip model with a preset; write metrics.json, per_class.csv/png to `out_dir`."

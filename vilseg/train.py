@@ -49,6 +49,10 @@ class TrainConfig:
     lambda_nouns: float = 0.0         # multi-label noun-prompt contrast (GroupViT); vocabulary from the train captions
     noun_template: str = 'a photo of a {}.'
     noun_loss: str = 'soft'
+    noun_parse: str = 'words'
+    noun_pool: str = 'image'
+    noun_tau: float = 0.1
+    dense_features: str = 'tokens'
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64
@@ -209,7 +213,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
     if cfg.lambda_nouns > 0:
         caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]
-        vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count)
+        vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count, parse=cfg.noun_parse)
         if not vocab: raise ValueError(f'no word occurs {cfg.noun_min_count} times in the captions: lower noun_min_count or set lambda_nouns=0')
         _unwrap(ddp).set_noun_vocab(vocab)
         if rank == 0: atomic_write_text(out / 'noun_vocab.txt', '\n'.join(vocab) + '\n')

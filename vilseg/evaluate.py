@@ -152,12 +152,15 @@ def localization_auc(model, dataset, class_names=None, method: str = 'dense', bg
     model.eval()
     fg, bg = [], []
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
-    for items in tqdm(list(_batches(dataset, batch_size, max_images)), desc='localisation AUC', disable=not progress, leave=False):
+    bar = tqdm(total=n, desc='localisation AUC', unit='img', disable=not progress, leave=False)
+    for items in _batches(dataset, batch_size, max_images):   # images are scored one by one (any size); batch_size only groups loading
+        bar.update(len(items))
         for it in items:
             x = it['image'][None].to(device)
             best = model.scores(x, fg_names, method=method, bg_index=None, dense=dense)[0].max(0).values.cpu()
             lab = it['label']; valid = lab != 255
             fg.append(best[valid & (lab != bg_index)]); bg.append(best[valid & (lab == bg_index)])
+    bar.close()
     fg, bg = torch.cat(fg), torch.cat(bg)
     g = torch.Generator().manual_seed(seed)
     def sub(v, k): return v[torch.randperm(len(v), generator=g)[:k]] if len(v) > k else v

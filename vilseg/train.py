@@ -198,10 +198,11 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     step, history = 0, []
     if cfg.resume and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
-        changed = {k for k in asdict(cfg) if k not in RESUMABLE_CHANGES and _norm(ck['config'].get(k)) != _norm(getattr(cfg, k))}
+        saved = {k: ck['config'].get(k, f.default) for k, f in TrainConfig.__dataclass_fields__.items()}   # fields added since: their default
+        changed = {k for k in asdict(cfg) if k not in RESUMABLE_CHANGES and _norm(saved[k]) != _norm(getattr(cfg, k))}
         if changed:
             raise ValueError(f'{ck_path} was trained with other settings; cannot resume with changed ' +
-                             ', '.join(f'{k} ({ck["config"].get(k)!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
+                             ', '.join(f'{k} ({saved[k]!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         step = ck['step']; set_rng_state(ck['rng'])
         if rank == 0 and (out / 'metrics.jsonl').exists():   # drop records logged after the checkpoint (a crash between saves)

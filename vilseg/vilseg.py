@@ -43,7 +43,7 @@ class ViLSegConfig:
     noun_parse: str = 'words'         # which caption words are nouns: 'words' (every content word) or 'heads' (noun-phrase heads)
     noun_pool: str = 'image'          # 'image': nouns vs the pooled embedding; 'patches': vs the patches, log-sum-exp pooled (multiple instance)
     noun_tau: float = 0.1             # temperature of that log-sum-exp
-    dense_features: str = 'tokens'    # the patch embeddings compared with text (noun contrast, read-out): 'tokens', or 'value' (MaskCLIP's value path); the head always groups the tokens
+    dense_features: str = 'tokens'    # the patch embeddings compared with text (noun contrast, cross_pool='attn', read-out): 'tokens', or 'value' (MaskCLIP's value path); the head always groups the tokens
 
 # %% ../nbs/08_vilseg.ipynb #c005
 def _as_names(class_names) -> list[list[str]]:
@@ -59,6 +59,8 @@ class ViLSeg(nn.Module):
         if cfg.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {cfg.noun_tau}')
         if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")
         self.clip, self.tokenizer = create_clip(cfg.model, cfg.pretrained)
+        if cfg.dense_features == 'value' and not len(getattr(getattr(self.clip.visual, 'transformer', None), 'resblocks', [])):
+            raise ValueError(f"dense_features='value' needs an image transformer with at least one block; {cfg.model} has none")
         dim = self.clip.visual.output_dim
         self.head = ClusterHead(dim, cfg.n_clusters, cfg.head_hidden)
         if cfg.lambda_cluster == 0: self.head.requires_grad_(False)   # unused in training (and DDP must not wait for it)

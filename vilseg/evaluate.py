@@ -136,11 +136,10 @@ def patch_oracle(dataset, patch: int, max_images: int | None = None) -> dict:
 # %% ../nbs/10_evaluate.ipynb #c010
 def roc_auc(pos, neg) -> float:
     "P(a random positive scores above a random negative), ties counting half (Mann–Whitney U / n1 n0)."
-    from scipy.stats import rankdata
+    from scipy.stats import mannwhitneyu
     pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
     if not len(pos) or not len(neg): raise ValueError(f'roc_auc needs positives and negatives, got {len(pos)} and {len(neg)}')
-    r = rankdata(np.concatenate([pos, neg]))
-    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float(mannwhitneyu(pos, neg, method='asymptotic').statistic / (len(pos) * len(neg)))
 
 @torch.no_grad()
 def localization_auc(model, dataset, class_names=None, method: str = 'dense', bg_index: int = 0, dense: str | None = None,

@@ -47,3 +47,22 @@ def test_experiment_notebooks_keep_parameters_tag():
     for nb in (ROOT / 'nbs' / 'experiments').glob('*.ipynb'):
         cells = json.loads(nb.read_text())['cells']
         assert any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells), f'{nb.name}: no parameters cell'
+
+
+def test_train_notebook_runs_tiny(tmp_path):
+    """`make demo`'s notebook end to end on a tiny world with a micro model: its parameters reach `train`, and it
+    writes the metrics and figures the README promises (the full-size run is `make demo`, not a test)."""
+    import json
+    import papermill as pm
+    out = tmp_path / 'run'
+    pm.execute_notebook(str(ROOT / 'nbs' / 'experiments' / 'train.ipynb'), str(tmp_path / 'train.ipynb'), cwd=str(tmp_path),
+                        kernel_name='python3', progress_bar=False,
+                        parameters=dict(data=str(tmp_path / 'world'), n_train=256, n_val=8, out_dir=str(out), model='vilseg-micro',
+                                        steps=4, batch_size=16, warmup=2, cluster_warmup=0, n_clusters=6, cluster_images=8,
+                                        ckpt_every=2, num_workers=0))
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['steps'] == 4 and m['config']['cluster_images'] == 8 and m['config']['n_clusters'] == 6
+    assert 0 <= m['val_miou'] <= 1 and 0 <= m['val_miou_dense_baseline'] <= 1 and 0 < m['patch_oracle_miou'] <= 1
+    assert len(m['per_class_iou']) == 17 and 0 <= m['localization_auc'] <= 1
+    for f in ('checkpoint.pt', 'per_class.csv', 'curves.png', 'predictions.png', 'per_class.png', 'world_samples.png'):
+        assert (out / f).stat().st_size > 0, f

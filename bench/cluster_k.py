@@ -3,7 +3,8 @@ its frozen encoder, then evaluate the ViL-Seg (cluster) read-out on the world's 
 
 With `cluster_detach=True` (the demo's setting) IIC trains the head only, so a head fitted on the frozen
 final encoder is what online training would give with an encoder that stopped moving; the comparison between
-K values is fair because every K sees the same cached paired views, steps and optimiser. Prints one JSON line
+K values is fair because every K sees the same cached paired views, steps and optimiser (features from the
+encoder in eval mode: BatchNorm running statistics, where online training uses the batch's). Prints one JSON line
 per K (val mIoU, calibrated background threshold, seconds), then the dense read-out and the checkpoint's own
 head for reference.
 
@@ -37,7 +38,7 @@ torch.set_num_threads(a.threads); torch.manual_seed(0)
 
 base, cfgd = load_model(a.checkpoint)
 cfg = TrainConfig(**{k: v for k, v in cfgd.items() if k in TrainConfig.__dataclass_fields__})
-train_ds, _, _ = world_datasets(a.data, cfg.view_config(), cfg.captions)
+train_ds, _, _ = world_datasets(a.data, replace(cfg.view_config(), pair=True), cfg.captions)   # paired views also for a head-less run
 val, calib = VOCStyleSegmentation(a.data, 'val'), VOCStyleSegmentation(a.data, 'train')
 it = iter(DataLoader(SeededSamples(train_ds), batch_sampler=ResumableBatchSampler(len(train_ds), 64, seed=1),
                      collate_fn=collate_captions))
@@ -54,7 +55,7 @@ def score(m):
 
 for K in [int(k) for k in a.k.split(',')]:
     t = time.time(); torch.manual_seed(0)
-    m = ViLSeg(replace(base.cfg, n_clusters=K, pretrained=None))
+    m = ViLSeg(replace(base.cfg, n_clusters=K, lambda_cluster=1.0, pretrained=None))   # a trainable head even for a head-less run
     m.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith('head.')}, strict=False); m.eval()
     opt = torch.optim.AdamW(m.head.parameters(), 1e-3, weight_decay=0.05)
     for _ in range(a.epochs):

@@ -115,7 +115,7 @@ class ViLSeg(nn.Module):
             loss = loss + cfg.lambda_vision * out['vision']
         if cfg.lambda_cluster > 0 and 'pair' in batch:
             w = cfg.lambda_cluster * (1.0 if not cfg.cluster_warmup or step is None else min(1.0, step / cfg.cluster_warmup))
-            n = cfg.cluster_images or g.shape[0]                                 # a subset: the paired forward is a third of a step
+            n = cfg.cluster_images or g.shape[0]                                 # a subset (per process under DDP): the paired forward is a fifth of a step
             zg = fg.get('tokens', fg['patches'])[:n]                           # the head groups the final tokens
             if cfg.cluster_detach:
                 zg = zg.detach()
@@ -124,7 +124,7 @@ class ViLSeg(nn.Module):
                 zp = image_features(clip, batch['pair'][:n])['patches']
             q1 = self.head.assign(zg).permute(0, 3, 1, 2)                        # n K h w on the global view
             q1 = align_to_pair(q1, batch['pair_box'][:n], batch['pair_flip'][:n], q1.shape[-2:])
-            q2 = self.head.assign(zp)                                              # B h w K on the paired view
+            q2 = self.head.assign(zp)                                              # n h w K on the paired view
             out['cluster'] = iic_loss(q1.permute(0, 2, 3, 1), q2, cfg.iic_lambda)
             loss = loss + w * out['cluster']      # added even at weight 0, so that DDP sees the head in the graph
         out = {k: v.detach() for k, v in out.items()}

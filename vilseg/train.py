@@ -119,7 +119,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, s = key
         # the CPU generator only: `torch.manual_seed` also queues CUDA seeding, which records a Python traceback
-        # each call (a third of this world's per-sample cost, measured); the views draw from the CPU generator
+        # each call (about a fifth of this world's per-sample cost, measured); the views draw from the CPU generator
         torch.default_generator.manual_seed(s); random.seed(s); np.random.seed(s)
         return self.ds[i]
 

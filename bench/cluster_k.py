@@ -19,10 +19,8 @@ from vilseg.cli import load_model
 from vilseg.captions import collate_captions
 from vilseg.encoders import image_features
 from vilseg.evaluate import evaluate, calibrate_threshold
-from vilseg.losses import iic_loss
 from vilseg.segdata import VOCStyleSegmentation
 from vilseg.train import TrainConfig, world_datasets, SeededSamples, ResumableBatchSampler
-from vilseg.views import align_to_pair
 from vilseg.vilseg import ViLSeg
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,8 +58,7 @@ for K in [int(k) for k in a.k.split(',')]:
     opt = torch.optim.AdamW(m.head.parameters(), 1e-3, weight_decay=0.05)
     for _ in range(a.epochs):
         for zg, zp, box, flip in cache:
-            q1 = align_to_pair(m.head.assign(zg).permute(0, 3, 1, 2), box, flip, zg.shape[1:3])
-            loss = iic_loss(q1.permute(0, 2, 3, 1), m.head.assign(zp), cfg.iic_lambda)
+            loss = m.cluster_loss(zg, zp, box, flip)                # the term online training uses
             opt.zero_grad(); loss.backward(); opt.step()
     miou, th = score(m)
     print(json.dumps({'K': K, 'val_miou': round(miou, 4), 'bg_threshold': th, 'iic_loss': round(loss.item(), 3),

@@ -122,14 +122,17 @@ class ViLSeg(nn.Module):
                 with torch.no_grad(): zp = image_features(clip, batch['pair'][:n])['patches']
             else:
                 zp = image_features(clip, batch['pair'][:n])['patches']
-            q1 = self.head.assign(zg).permute(0, 3, 1, 2)                        # n K h w on the global view
-            q1 = align_to_pair(q1, batch['pair_box'][:n], batch['pair_flip'][:n], q1.shape[-2:])
-            q2 = self.head.assign(zp)                                              # n h w K on the paired view
-            out['cluster'] = iic_loss(q1.permute(0, 2, 3, 1), q2, cfg.iic_lambda)
+            out['cluster'] = self.cluster_loss(zg, zp, batch['pair_box'][:n], batch['pair_flip'][:n])
             loss = loss + w * out['cluster']      # added even at weight 0, so that DDP sees the head in the graph
         out = {k: v.detach() for k, v in out.items()}
         out['loss'] = loss; out['logit_scale'] = scale.detach()
         return out
+
+    def cluster_loss(self, z_global: torch.Tensor, z_pair: torch.Tensor, pair_box, pair_flip) -> torch.Tensor:
+        "IIC between the head's assignments on the global view (`n h w D` features), resampled onto the paired view's grid, and on the paired view."
+        q1 = self.head.assign(z_global).permute(0, 3, 1, 2)                    # n K h w on the global view
+        q1 = align_to_pair(q1, pair_box, pair_flip, q1.shape[-2:])
+        return iic_loss(q1.permute(0, 2, 3, 1), self.head.assign(z_pair), self.cfg.iic_lambda)   # vs n h w K on the paired view
 
     def _teacher_global(self, g):
         student = self.clip.visual; self.clip.visual = self.teacher

@@ -5,7 +5,7 @@
 # %% ../nbs/11_train.ipynb #c002
 from __future__ import annotations
 import contextlib, json, math, os, random, resource, time
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,13 @@ from .captions import CsvCaptions, collate_captions
 from .losses import build_noun_vocab
 from .views import MultiView, ViewConfig
 from .vilseg import ViLSeg, ViLSegConfig
+from .encoders import image_features
 from .segdata import VOCStyleSegmentation
 from .evaluate import evaluate, calibrate_threshold
 
 # %% auto #0
 __all__ = ['RESUMABLE_CHANGES', 'TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer',
-           'world_datasets', 'validate', 'train']
+           'refit_head', 'world_datasets', 'validate', 'train']
 
 # %% ../nbs/11_train.ipynb #c003
 @dataclass
@@ -85,6 +86,9 @@ class TrainConfig:
     overwrite: bool = False
     stop_at: int = 0                  # stop (with a checkpoint) at this step, as a preemption would; 0 = run to `steps`
     progress: bool = True
+    # after training: refit the clustering head on the frozen final encoder (0 = keep the online head, the paper's)
+    head_refit: int = 0               # head steps (fresh paired views each step)
+    head_refit_lr: float = 1e-3
 
     def model_config(self) -> ViLSegConfig:
         return ViLSegConfig(**{f.name: getattr(self, f.name) for f in fields(ViLSegConfig)})
@@ -137,6 +141,37 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 # %% ../nbs/11_train.ipynb #c011
+def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 1,
+               num_workers: int = 0, device='cpu', progress: bool = True) -> list[float]:
+    """Re-initialise `model.head` and fit it by the IIC term (`ViLSeg.cluster_loss`) on the frozen encoder, for `steps`
+    batches of `dataset` (its transform must give paired views: `MultiView(ViewConfig(pair=True))`). Returns the loss
+    of each step. The global RNG states are restored afterwards."""
+    if steps < 1: raise ValueError(f'head_refit steps must be >= 1, got {steps}')
+    st, was_training = rng_state(), model.training
+    try:
+        torch.manual_seed(seed)
+        for mod in model.head.modules():
+            if hasattr(mod, 'reset_parameters') and mod is not model.head: mod.reset_parameters()
+        model.eval(); model.head.requires_grad_(True)
+        opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=0.05)
+        loader = DataLoader(SeededSamples(dataset), batch_sampler=ResumableBatchSampler(len(dataset), batch_size, seed=seed),
+                            num_workers=num_workers, collate_fn=collate_captions)
+        losses, it = [], iter(loader)
+        for _ in tqdm(range(steps), desc='head refit', disable=not progress):
+            b = next(it); v = b['image']
+            if 'pair' not in v: raise ValueError('refit_head needs paired views: build the dataset with ViewConfig(pair=True)')
+            with torch.no_grad():
+                f = image_features(model.clip, v['global'].to(device), dense=model.cfg.dense_features)
+                zg = f.get('tokens', f['patches'])                              # as in training: the head groups the final tokens
+                zp = image_features(model.clip, v['pair'].to(device))['patches']
+            loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device))
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            losses.append(float(loss))
+        return losses
+    finally:
+        set_rng_state(st); model.train(was_training)
+
+# %% ../nbs/11_train.ipynb #c013
 def _dist_env():
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1:
         return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
@@ -156,7 +191,7 @@ def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
 # settings that may differ between a run and its resumption; any other change is refused
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
-                     'calib_images', 'log_every', 'ckpt_every', 'out_dir'}
+                     'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr'}
 def _norm(v): return list(v) if isinstance(v, tuple) else v
 
 def _trim_to_common_batch(batch: dict, ws: int) -> int:
@@ -169,10 +204,10 @@ def _trim_to_common_batch(batch: dict, ws: int) -> int:
         if torch.is_tensor(v) or isinstance(v, list): batch[k] = v[:n]
     return n
 
-def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu', progress=False) -> dict:
+def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu', progress=False, methods=('cluster', 'dense')) -> dict:
     "ViL-Seg and dense-baseline mIoU on `val`, each at the background threshold calibrated on `calib`."
     out = {}
-    for method in ('cluster', 'dense'):
+    for method in methods:
         th, sweep = calibrate_threshold(model, calib, method=method, max_images=calib_images, device=device, progress=progress)
         r = evaluate(model, val, method=method, bg_threshold=th, max_images=eval_images, device=device, progress=progress)
         out[method] = {'miou': float(r['miou']), 'aacc': float(r['aacc']), 'bg_threshold': th,
@@ -198,7 +233,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     model = ViLSeg(cfg.model_config()).to(device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    step, history = 0, []
+    step, history, refitted = 0, [], False
     if cfg.resume and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
         saved = {k: ck['config'].get(k, f.default) for k, f in TrainConfig.__dataclass_fields__.items()}   # fields added since: their default
@@ -207,7 +242,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
             raise ValueError(f'{ck_path} was trained with other settings; cannot resume with changed ' +
                              ', '.join(f'{k} ({saved[k]!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        step = ck['step']; set_rng_state(ck['rng'])
+        step = ck['step']; set_rng_state(ck['rng']); refitted = ck.get('head_refitted', False)
         if rank == 0 and (out / 'metrics.jsonl').exists():   # drop records logged after the checkpoint (a crash between saves)
             keep = [l for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= step]
             atomic_write_text(out / 'metrics.jsonl', ''.join(l + '\n' for l in keep))
@@ -234,7 +269,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     def save():
         if rank == 0:
             atomic_save({'model': _unwrap(ddp).state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-                         'step': step, 'rng': rng_state(), 'config': asdict(cfg)}, ck_path)
+                         'step': step, 'rng': rng_state(), 'config': asdict(cfg), 'head_refitted': refitted}, ck_path)
 
     model.train()
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
@@ -277,8 +312,19 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if log_f: log_f.close()
         return {'steps': step, 'stopped_at': step, 'train_seconds': round(train_secs, 1)}
     result = {'steps': step, 'train_seconds': round(train_secs, 1), 'world_size': ws, 'skipped_samples': skipped,
-              'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               'final_loss': history[-1] if history else None}
+    if rank == 0 and cfg.head_refit and not refitted:                # rank 0 only: it alone saves and evaluates
+        m = _unwrap(ddp)
+        if val is not None:
+            result['val_miou_online_head'] = validate(m, val, calib, cfg.eval_images, cfg.calib_images, device, methods=('cluster',))['cluster']['miou']
+        t = time.time()
+        pair_ds = world_datasets(cfg.data, replace(cfg.view_config(), pair=True), cfg.captions)[0]
+        ls = refit_head(m, pair_ds, cfg.head_refit, cfg.head_refit_lr, cfg.batch_size, seed=cfg.seed + 1,
+                        num_workers=min(cfg.num_workers, 1), device=device, progress=cfg.progress)
+        result['head_refit'] = {'steps': cfg.head_refit, 'seconds': round(time.time() - t, 1), 'loss_first': ls[0], 'loss_last': ls[-1]}
+        log_f.write(json.dumps({'step': step, 'head_refit_loss': ls[-1]}) + '\n'); log_f.flush()
+        refitted = True; save()                                       # a resumed finished run does not refit again
+    result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if rank == 0 and val is not None:
         v = validate(_unwrap(ddp), val, calib, cfg.eval_images, cfg.calib_images, device, progress=cfg.progress)
         result.update({'val_miou': v['cluster']['miou'], 'val_miou_dense': v['dense']['miou'], 'val': v,

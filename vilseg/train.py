@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #c002
 from __future__ import annotations
-import contextlib, json, math, os, random, resource, time
+import contextlib, datetime, json, math, os, random, resource, time
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
@@ -142,11 +142,13 @@ def make_optimizer(model, lr, weight_decay):
 
 # %% ../nbs/11_train.ipynb #c011
 def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 1,
-               num_workers: int = 0, device='cpu', progress: bool = True) -> list[float]:
+               num_workers: int = 0, device=None, progress: bool = True) -> list[float]:
     """Re-initialise `model.head` and fit it by the IIC term (`ViLSeg.cluster_loss`) on the frozen encoder, for `steps`
     batches of `dataset` (its transform must give paired views: `MultiView(ViewConfig(pair=True))`). Returns the loss
-    of each step. The global RNG states are restored afterwards."""
+    of each step (a batch of only unreadable samples is skipped). `device`: default, the model's. The global RNG
+    states are restored afterwards."""
     if steps < 1: raise ValueError(f'head_refit steps must be >= 1, got {steps}')
+    device = device or next(model.parameters()).device
     st, was_training = rng_state(), model.training
     try:
         torch.manual_seed(seed)
@@ -158,7 +160,8 @@ def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch
                             num_workers=num_workers, collate_fn=collate_captions)
         losses, it = [], iter(loader)
         for _ in tqdm(range(steps), desc='head refit', disable=not progress):
-            b = next(it); v = b['image']
+            b = next(it); v = b.get('image')
+            if v is None or len(v['global']) < 2: continue               # (almost) only bad samples, as in training
             if 'pair' not in v: raise ValueError('refit_head needs paired views: build the dataset with ViewConfig(pair=True)')
             with torch.no_grad():
                 f = image_features(model.clip, v['global'].to(device), dense=model.cfg.dense_features)
@@ -222,7 +225,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         setattr(cfg, k, v)
     rank, ws, local = _dist_env()
     if ws > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        # rank 0 evaluates (and may refit the head) while the others wait at a barrier: allow it 2 hours
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', timeout=datetime.timedelta(hours=2))
     device = get_device(cfg.device)
     if device.type == 'cuda' and ws > 1: device = torch.device('cuda', local); torch.cuda.set_device(device)
     out = Path(cfg.out_dir)
@@ -233,7 +237,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     model = ViLSeg(cfg.model_config()).to(device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-    step, history, refitted = 0, [], False
+    step, history, refitted = 0, [], None                  # refitted: the head refit's record, once done
     if cfg.resume and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
         saved = {k: ck['config'].get(k, f.default) for k, f in TrainConfig.__dataclass_fields__.items()}   # fields added since: their default
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
             raise ValueError(f'{ck_path} was trained with other settings; cannot resume with changed ' +
                              ', '.join(f'{k} ({saved[k]!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        step = ck['step']; set_rng_state(ck['rng']); refitted = ck.get('head_refitted', False)
+        step = ck['step']; set_rng_state(ck['rng']); refitted = ck.get('head_refitted')
         if rank == 0 and (out / 'metrics.jsonl').exists():   # drop records logged after the checkpoint (a crash between saves)
             keep = [l for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= step]
             atomic_write_text(out / 'metrics.jsonl', ''.join(l + '\n' for l in keep))
@@ -315,15 +319,22 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
               'final_loss': history[-1] if history else None}
     if rank == 0 and cfg.head_refit and not refitted:                # rank 0 only: it alone saves and evaluates
         m = _unwrap(ddp)
-        if val is not None:
-            result['val_miou_online_head'] = validate(m, val, calib, cfg.eval_images, cfg.calib_images, device, methods=('cluster',))['cluster']['miou']
+        online = validate(m, val, calib, cfg.eval_images, cfg.calib_images, device, methods=('cluster',))['cluster']['miou'] \
+            if val is not None else None
         t = time.time()
         pair_ds = world_datasets(cfg.data, replace(cfg.view_config(), pair=True), cfg.captions)[0]
         ls = refit_head(m, pair_ds, cfg.head_refit, cfg.head_refit_lr, cfg.batch_size, seed=cfg.seed + 1,
                         num_workers=min(cfg.num_workers, 1), device=device, progress=cfg.progress)
-        result['head_refit'] = {'steps': cfg.head_refit, 'seconds': round(time.time() - t, 1), 'loss_first': ls[0], 'loss_last': ls[-1]}
+        refitted = {'steps': cfg.head_refit, 'lr': cfg.head_refit_lr, 'seconds': round(time.time() - t, 1),
+                    'loss_first': ls[0], 'loss_last': ls[-1], 'val_miou_online_head': online}
+        save()                                                        # with the record: a resumed finished run does not refit again
         log_f.write(json.dumps({'step': step, 'head_refit_loss': ls[-1]}) + '\n'); log_f.flush()
-        refitted = True; save()                                       # a resumed finished run does not refit again
+    elif refitted and rank == 0 and (cfg.head_refit, cfg.head_refit_lr) != (refitted['steps'], refitted['lr']):
+        print(f"note: the head of {ck_path} was already refitted ({refitted['steps']} steps, lr {refitted['lr']}); "
+              f"head_refit={cfg.head_refit}, head_refit_lr={cfg.head_refit_lr} are ignored")
+    if refitted:
+        result['head_refit'] = {k: v for k, v in refitted.items() if k != 'val_miou_online_head'}
+        result['val_miou_online_head'] = refitted['val_miou_online_head']
     result['peak_rss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if rank == 0 and val is not None:
         v = validate(_unwrap(ddp), val, calib, cfg.eval_images, cfg.calib_images, device, progress=cfg.progress)

@@ -169,7 +169,7 @@ def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch
                 zp = image_features(model.clip, v['pair'].to(device))['patches']
             loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device))
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return losses
     finally:
         set_rng_state(st); model.train(was_training)

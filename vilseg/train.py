@@ -163,10 +163,8 @@ def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch
             b = next(it); v = b.get('image')
             if v is None or len(v['global']) < 2: continue               # (almost) only bad samples, as in training
             if 'pair' not in v: raise ValueError('refit_head needs paired views: build the dataset with ViewConfig(pair=True)')
-            with torch.no_grad():
-                f = image_features(model.clip, v['global'].to(device), dense=model.cfg.dense_features)
-                zg = f.get('tokens', f['patches'])                              # as in training: the head groups the final tokens
-                zp = image_features(model.clip, v['pair'].to(device))['patches']
+            with torch.no_grad():                                           # the head groups the final tokens (as in training)
+                zg, zp = (image_features(model.clip, v[k].to(device))['patches'] for k in ('global', 'pair'))
             loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device))
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
             losses.append(float(loss.detach()))

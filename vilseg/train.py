@@ -25,7 +25,7 @@ from .evaluate import evaluate, calibrate_threshold
 
 # %% auto #0
 __all__ = ['RESUMABLE_CHANGES', 'TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer',
-           'refit_head', 'world_datasets', 'validate', 'train']
+           'make_scheduler', 'clip_gradients', 'refit_head', 'world_datasets', 'validate', 'train']
 
 # %% ../nbs/11_train.ipynb #c003
 @dataclass
@@ -89,6 +89,9 @@ class TrainConfig:
     # after training: refit the clustering head on the frozen final encoder (0 = keep the online head, the paper's)
     head_refit: int = 0               # head steps (fresh paired views each step)
     head_refit_lr: float = 1e-3
+    # during training: 0 = the head shares the encoder's optimiser group, schedule and gradient clipping (the paper's
+    # single optimiser); > 0 = the head is optimised apart: its own group at this lr, constant after warmup, clipped on its own
+    head_lr: float = 0.0
 
     def model_config(self) -> ViLSegConfig:
         return ViLSegConfig(**{f.name: getattr(self, f.name) for f in fields(ViLSegConfig)})
@@ -133,12 +136,33 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
-def make_optimizer(model, lr, weight_decay):
-    decay, no_decay = [], []
+def make_optimizer(model, lr, weight_decay, head_lr: float = 0.0):
+    """AdamW with groups `[decay, no_decay]`; with `head_lr > 0` two more, `[head decay, head no_decay]` at `head_lr`
+    (each group is tagged `'head': bool`)."""
+    groups = {(h, nd): [] for h in ((False, True) if head_lr > 0 else (False,)) for nd in (False, True)}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
-        (no_decay if p.ndim < 2 or any(k in n for k in ('embedding', 'logit_scale', 'ln_', 'bias')) else decay).append(p)
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        nd = p.ndim < 2 or any(k in n for k in ('embedding', 'logit_scale', 'ln_', 'bias'))
+        groups[(head_lr > 0 and n.startswith('head.'), nd)].append(p)
+    return torch.optim.AdamW([{'params': ps, 'weight_decay': 0.0 if nd else weight_decay, 'lr': head_lr if h else lr, 'head': h}
+                              for (h, nd), ps in groups.items()], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+def make_scheduler(opt, warmup: int, total: int, min_ratio: float):
+    "Warmup + cosine for every group, except head groups (tagged by `make_optimizer`): warmup, then constant."
+    return torch.optim.lr_scheduler.LambdaLR(opt, [(lambda s: lr_lambda(s, warmup, total, 1.0)) if g.get('head') else
+                                                   (lambda s: lr_lambda(s, warmup, total, min_ratio)) for g in opt.param_groups])
+
+def clip_gradients(model, opt, max_norm: float) -> tuple[float, float | None]:
+    """Clip the gradient norm of the model's parameters outside the head groups of `opt` (tagged by `make_optimizer`),
+    and that of the head groups on their own (if any). Returns the two norms before clipping; the head's is None
+    without head groups; both are 0 when `max_norm` is 0 (no clipping). Parameters are taken in `model.parameters()`
+    order, so without head groups this is exactly `clip_grad_norm_(model.parameters(), max_norm)`."""
+    head_ids = {id(p) for g in opt.param_groups if g.get('head') for p in g['params']}
+    if not max_norm: return 0.0, (0.0 if head_ids else None)
+    enc = [p for p in model.parameters() if id(p) not in head_ids]
+    head = [p for p in model.parameters() if id(p) in head_ids]
+    gn = float(torch.nn.utils.clip_grad_norm_(enc, max_norm))
+    return gn, (float(torch.nn.utils.clip_grad_norm_(head, max_norm)) if head_ids else None)
 
 # %% ../nbs/11_train.ipynb #c011
 def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 1,
@@ -233,8 +257,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     ck_path = out / 'checkpoint.pt'
     set_seed(cfg.seed)
     model = ViLSeg(cfg.model_config()).to(device)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    if cfg.head_lr < 0: raise ValueError(f'head_lr must be >= 0, got {cfg.head_lr}')
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, head_lr=cfg.head_lr)
+    sched = make_scheduler(opt, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     step, history, refitted = 0, [], None                  # refitted: the head refit's record, once done
     if cfg.resume and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
@@ -285,14 +310,15 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         with amp: o = ddp(batch, step=step)
         opt.zero_grad(set_to_none=True)
         o['loss'].backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.)
+        gn, gn_head = clip_gradients(model, opt, cfg.grad_clip)
         opt.step(); sched.step(); step += 1
         with torch.no_grad(): _unwrap(ddp).clip.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
         _unwrap(ddp).update_teacher()
         n_img += batch['global'].shape[0] * ws
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t_last
-            rec = {'step': step, 'lr': sched.get_last_lr()[0], 'grad_norm': float(gn), 'images_per_s': n_img / dt,
+            rec = {'step': step, 'lr': sched.get_last_lr()[0], 'grad_norm': gn, 'images_per_s': n_img / dt,
+                   **({'grad_norm_head': gn_head, 'lr_head': sched.get_last_lr()[-1]} if gn_head is not None else {}),
                    'skipped': skipped, **{k: float(v.detach()) for k, v in o.items()}}
             history.append(rec)
             if log_f: log_f.write(json.dumps(rec) + '\n'); log_f.flush()

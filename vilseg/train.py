@@ -25,7 +25,7 @@ from .evaluate import evaluate, calibrate_threshold
 
 # %% auto #0
 __all__ = ['RESUMABLE_CHANGES', 'TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer',
-           'make_scheduler', 'clip_gradients', 'refit_head', 'world_datasets', 'validate', 'train']
+           'make_scheduler', 'split_head_params', 'clip_gradients', 'refit_head', 'world_datasets', 'validate', 'train']
 
 # %% ../nbs/11_train.ipynb #c003
 @dataclass
@@ -152,17 +152,19 @@ def make_scheduler(opt, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, [(lambda s: lr_lambda(s, warmup, total, 1.0)) if g.get('head') else
                                                    (lambda s: lr_lambda(s, warmup, total, min_ratio)) for g in opt.param_groups])
 
-def clip_gradients(model, opt, max_norm: float) -> tuple[float, float | None]:
-    """Clip the gradient norm of the model's parameters outside the head groups of `opt` (tagged by `make_optimizer`),
-    and that of the head groups on their own (if any). Returns the two norms before clipping; the head's is None
-    without head groups; both are 0 when `max_norm` is 0 (no clipping). Parameters are taken in `model.parameters()`
-    order, so without head groups this is exactly `clip_grad_norm_(model.parameters(), max_norm)`."""
+def split_head_params(model, opt) -> tuple[list, list]:
+    """The model's parameters outside `opt`'s head groups (tagged by `make_optimizer`), in `model.parameters()` order,
+    and those inside them (empty without head groups). Computed once, before the training loop."""
     head_ids = {id(p) for g in opt.param_groups if g.get('head') for p in g['params']}
-    if not max_norm: return 0.0, (0.0 if head_ids else None)
-    enc = [p for p in model.parameters() if id(p) not in head_ids]
-    head = [p for p in model.parameters() if id(p) in head_ids]
-    gn = float(torch.nn.utils.clip_grad_norm_(enc, max_norm))
-    return gn, (float(torch.nn.utils.clip_grad_norm_(head, max_norm)) if head_ids else None)
+    return ([p for p in model.parameters() if id(p) not in head_ids], [p for p in model.parameters() if id(p) in head_ids])
+
+def clip_gradients(params, head_params, max_norm: float) -> tuple[float, float | None]:
+    """Clip the gradient norm of `params`, and that of `head_params` on their own (if any): see `split_head_params`.
+    Returns the two norms before clipping; the head's is None without head parameters; both are 0 when `max_norm`
+    is 0 (no clipping). Without head parameters this is exactly `clip_grad_norm_(model.parameters(), max_norm)`."""
+    if not max_norm: return 0.0, (0.0 if head_params else None)
+    gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return gn, (float(torch.nn.utils.clip_grad_norm_(head_params, max_norm)) if head_params else None)
 
 # %% ../nbs/11_train.ipynb #c011
 def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch_size: int = 64, seed: int = 1,
@@ -260,6 +262,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     if cfg.head_lr < 0: raise ValueError(f'head_lr must be >= 0, got {cfg.head_lr}')
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, head_lr=cfg.head_lr)
     sched = make_scheduler(opt, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    clip_params, clip_head_params = split_head_params(model, opt)   # once: the head groups do not change on resume
     step, history, refitted = 0, [], None                  # refitted: the head refit's record, once done
     if cfg.resume and ck_path.exists():
         ck = load_checkpoint(ck_path, map_location='cpu')       # RNG states must stay on the CPU
@@ -310,7 +313,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         with amp: o = ddp(batch, step=step)
         opt.zero_grad(set_to_none=True)
         o['loss'].backward()
-        gn, gn_head = clip_gradients(model, opt, cfg.grad_clip)
+        gn, gn_head = clip_gradients(clip_params, clip_head_params, cfg.grad_clip)
         opt.step(); sched.step(); step += 1
         with torch.no_grad(): _unwrap(ddp).clip.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
         _unwrap(ddp).update_teacher()

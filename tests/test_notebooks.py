@@ -61,7 +61,7 @@ def test_train_notebook_runs_tiny(tmp_path):
                                         steps=4, batch_size=16, warmup=2, cluster_warmup=0, n_clusters=6, cluster_images=8,
                                         ckpt_every=2, num_workers=0))
     m = json.loads((out / 'metrics.json').read_text())
-    assert m['steps'] == 4 and m['config']['cluster_images'] == 8 and m['config']['n_clusters'] == 6
+    assert m['steps'] == 4 and m['config']['cluster_images'] == 8 and m['config']['n_clusters'] == 6 and m['config']['noun_bank'] is True
     assert 0 <= m['val_miou'] <= 1 and 0 <= m['val_miou_dense_baseline'] <= 1 and 0 < m['patch_oracle_miou'] <= 1
     assert len(m['per_class_iou']) == 17 and 0 <= m['localization_auc'] <= 1
     for f in ('checkpoint.pt', 'per_class.csv', 'curves.png', 'predictions.png', 'per_class.png', 'world_samples.png'):

@@ -12,7 +12,8 @@ from open_clip.loss import ClipLoss
 
 # %% auto #0
 __all__ = ['STOPWORDS', 'NOUN_PARSES', 'cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss',
-           'iic_loss', 'caption_words', 'build_noun_vocab', 'NounExtractor', 'lse_pool', 'multi_label_contrast_loss']
+           'iic_loss', 'caption_words', 'build_noun_vocab', 'NounExtractor', 'lse_pool', 'multi_label_contrast_loss',
+           'bank_distill_loss']
 
 # %% ../nbs/06_losses.ipynb #c004
 def _world():
@@ -167,3 +168,13 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
         li = -((logits.log_softmax(1) * w).sum(1)[rows] / w.sum(1)[rows]).mean()
         lt = -((logits.T.log_softmax(1) * w.T).sum(1)[cols] / w.sum(0)[cols]).mean()
     return (li + lt) / 2
+
+# %% ../nbs/06_losses.ipynb #c021
+def bank_distill_loss(prompt_emb: torch.Tensor, bank_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between `UxD` normalised prompt embeddings and the `UxD` normalised bank vectors of the same
+    `U` nouns (row `u` of each is noun `u`); the bank is detached. 0 (with a graph) for `U < 2`: one noun has no negative."""
+    if prompt_emb.shape != bank_emb.shape: raise ValueError(f'prompt and bank embeddings differ in shape: {tuple(prompt_emb.shape)} vs {tuple(bank_emb.shape)}')
+    if prompt_emb.shape[0] < 2: return prompt_emb.sum() * 0.0 + bank_emb.sum() * 0.0
+    logits = logit_scale * prompt_emb @ bank_emb.detach().T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

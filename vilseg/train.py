@@ -54,6 +54,7 @@ class TrainConfig:
     noun_parse: str = 'words'
     noun_pool: str = 'image'
     noun_tau: float = 0.1
+    noun_bank: bool = False           # learnable noun vectors as extra targets, the text tower distilled onto them (08_vilseg)
     dense_features: str = 'tokens'
     noun_min_count: int = 20
     # views (see ViewConfig)
@@ -259,6 +260,12 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     ck_path = out / 'checkpoint.pt'
     set_seed(cfg.seed)
     model = ViLSeg(cfg.model_config()).to(device)
+    train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
+    if cfg.lambda_nouns > 0:
+        caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]
+        vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count, parse=cfg.noun_parse)
+        if not vocab: raise ValueError(f'no word occurs {cfg.noun_min_count} times in the captions: lower noun_min_count or set lambda_nouns=0')
+        model.set_noun_vocab(vocab)              # before the optimiser: it creates the noun bank, if any
     if cfg.head_lr < 0: raise ValueError(f'head_lr must be >= 0, got {cfg.head_lr}')
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, head_lr=cfg.head_lr)
     sched = make_scheduler(opt, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
@@ -277,15 +284,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
             keep = [l for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= step]
             atomic_write_text(out / 'metrics.jsonl', ''.join(l + '\n' for l in keep))
     if rank == 0: atomic_write_json(out / 'config.json', asdict(cfg))
+    if rank == 0 and cfg.lambda_nouns > 0: atomic_write_text(out / 'noun_vocab.txt', '\n'.join(vocab) + '\n')
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) if ws > 1 else model
 
-    train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
-    if cfg.lambda_nouns > 0:
-        caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]
-        vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count, parse=cfg.noun_parse)
-        if not vocab: raise ValueError(f'no word occurs {cfg.noun_min_count} times in the captions: lower noun_min_count or set lambda_nouns=0')
-        _unwrap(ddp).set_noun_vocab(vocab)
-        if rank == 0: atomic_write_text(out / 'noun_vocab.txt', '\n'.join(vocab) + '\n')
     sampler = ResumableBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, ws, start_step=step)
     loader = DataLoader(SeededSamples(train_ds), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate_captions, persistent_workers=cfg.num_workers > 0,

@@ -85,7 +85,7 @@ def test_torchrun_two_process_training(tmp_path):
            '--data', str(tmp_path / 'w'), '--out-dir', str(tmp_path / 'run'), '--model', 'vilseg-micro', '--image-size', '32',
            '--local-size', '16', '--n-local', '1', '--n-clusters', '4', '--head-hidden', '16', '--batch-size', '4', '--steps', '3',
            '--num-workers', '0', '--eval-images', '4', '--calib-images', '4', '--progress', 'false', '--log-every', '1',
-           '--lambda-nouns', '1', '--noun-min-count', '2']
+           '--lambda-nouns', '1', '--noun-min-count', '2', '--noun-bank', 'true']
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
@@ -94,7 +94,9 @@ def test_torchrun_two_process_training(tmp_path):
     vocab = (tmp_path / 'run' / 'noun_vocab.txt').read_text().split()
     assert len(vocab) > 5 and 'the' not in vocab and 'and' not in vocab
     logged = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines() if l.strip()]
-    assert all('nouns' in r for r in logged if 'loss' in r)
+    assert all('nouns' in r and 'bank_distill' in r for r in logged if 'loss' in r)
+    bank = torch.load(tmp_path / 'run' / 'checkpoint.pt', weights_only=True)['model']['noun_bank.weight']
+    assert bank.shape[0] == len(vocab)        # the bank exists before DDP wraps the model, so its gradients are averaged
 
 
 def test_load_vit_b16_checkpoint_file(tmp_path):

@@ -134,3 +134,35 @@ def test_segment_odd_sizes(hw):
         assert lab.shape == (2, *hw) and lab.dtype == torch.int64 and lab.max() <= 2
     S = slide_scores(m, x, names, window=32, stride=16, bg_index=0, bg_threshold=0.1)
     assert S.shape == (2, 3, *hw) and torch.isfinite(S).all()
+
+
+def _bank_worker(rank, world, init_file, out):
+    import datetime
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.manual_seed(0)
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_nouns=1.0, lambda_vision=0,
+                            lambda_cluster=0, noun_bank=True, noun_parse='heads', noun_pool='patches'))
+    m.set_noun_vocab(['star', 'ring', 'box', 'tree'])
+    before = m.noun_bank.weight.detach().clone()
+    ddp = torch.nn.parallel.DistributedDataParallel(m)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
+    torch.manual_seed(1 + rank)                      # different images per rank; rank 1's captions have no nouns at all
+    batch = {'global': torch.randn(2, 3, 32, 32), 'caption': [['a star and a ring', 'a box'], ['', '']][rank]}
+    o = ddp(batch, step=0)
+    o['loss'].backward(); opt.step()
+    out[rank, 0] = m.noun_bank.weight.detach().flatten()
+    out[rank, 1] = before.flatten()
+    dist.destroy_process_group()
+
+
+def test_two_process_noun_bank_stays_in_sync(tmp_path):
+    """The noun bank under DDP: a step where one rank has no nouns neither hangs nor desynchronises the ranks' banks;
+    the rows of the other rank's nouns move on both ranks (their gradient is averaged), the unused row does not."""
+    out = torch.zeros(2, 2, 4 * 64).share_memory_()
+    mp.spawn(_bank_worker, args=(2, str(tmp_path / 'init'), out), nprocs=2, join=True)
+    after, before = out[:, 0].view(2, 4, 64), out[:, 1].view(2, 4, 64)
+    assert torch.equal(before[0], before[1]) and torch.equal(after[0], after[1]), 'the two ranks hold the same bank'
+    moved = (after[0] - before[0]).abs().sum(1) > 0
+    assert moved.tolist() == [True, True, True, False], moved      # star, ring, box in rank 0's captions; tree nowhere

@@ -261,6 +261,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     set_seed(cfg.seed)
     model = ViLSeg(cfg.model_config()).to(device)
     train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
+    vocab = None
     if cfg.lambda_nouns > 0:
         caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]
         vocab = build_noun_vocab(caps, min_count=cfg.noun_min_count, parse=cfg.noun_parse)
@@ -278,6 +279,9 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if changed:
             raise ValueError(f'{ck_path} was trained with other settings; cannot resume with changed ' +
                              ', '.join(f'{k} ({saved[k]!r} -> {getattr(cfg, k)!r})' for k in sorted(changed)))
+        if ck.get('noun_vocab') is not None and ck['noun_vocab'] != vocab:   # same settings, but the captions file changed
+            raise ValueError(f'{ck_path}: the noun vocabulary of the captions differs from the checkpoint\'s '
+                             f'({len(ck["noun_vocab"])} words then, {len(vocab or [])} now); cannot resume')
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         step = ck['step']; set_rng_state(ck['rng']); refitted = ck.get('head_refitted')
         if rank == 0 and (out / 'metrics.jsonl').exists():   # drop records logged after the checkpoint (a crash between saves)
@@ -300,7 +304,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     def save():
         if rank == 0:
             atomic_save({'model': _unwrap(ddp).state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-                         'step': step, 'rng': rng_state(), 'config': asdict(cfg), 'head_refitted': refitted}, ck_path)
+                         'step': step, 'rng': rng_state(), 'config': asdict(cfg), 'head_refitted': refitted, 'noun_vocab': vocab}, ck_path)
 
     model.train()
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps

@@ -90,10 +90,12 @@ class ViLSeg(nn.Module):
         self.noun_bank = nn.Embedding(n, dim, device=self.clip.logit_scale.device)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        "`nn.Module.load_state_dict`; a checkpoint's noun bank is loaded even when no vocabulary was set (its size comes from the checkpoint)."
+        "`nn.Module.load_state_dict`; a checkpoint's noun bank is loaded even when no vocabulary was set (its size comes from the checkpoint); one of another size than the model's existing bank is refused."
         w = state_dict.get('noun_bank.weight')
-        if w is not None and (self.noun_bank is None or tuple(self.noun_bank.weight.shape) != tuple(w.shape)):
-            self._make_bank(*w.shape)
+        if w is not None and self.noun_bank is None: self._make_bank(*w.shape)
+        elif w is not None and tuple(self.noun_bank.weight.shape) != tuple(w.shape):   # an optimiser may hold the bank: never swap it
+            raise ValueError(f'the checkpoint has a noun bank of {tuple(w.shape)}, this model one of {tuple(self.noun_bank.weight.shape)}: '
+                             'another noun vocabulary (other captions, noun_parse or noun_min_count)')
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- training -------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ class ViLSeg(nn.Module):
             nouns = [self.nouns(c) for c in batch['caption']]
             words = sorted({w for ns in nouns for w in ns})
             pe = encode_text(clip, self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
-                if words else torch.zeros(0, txt.shape[1], device=g.device)
+                if words else txt[:0]              # no nouns on this rank: an empty slice that keeps the graph (DDP's gathers stay in step)
             src = img if cfg.noun_pool == 'image' else F.normalize(fg['patches'].flatten(1, 2), dim=-1)
             out['nouns'] = multi_label_contrast_loss(src, nouns, pe, words, scale, mode=cfg.noun_loss, tau=cfg.noun_tau)
             loss = loss + cfg.lambda_nouns * out['nouns']

@@ -175,6 +175,4 @@ def bank_distill_loss(prompt_emb: torch.Tensor, bank_emb: torch.Tensor, logit_sc
     `U` nouns (row `u` of each is noun `u`); the bank is detached. 0 (with a graph) for `U < 2`: one noun has no negative."""
     if prompt_emb.shape != bank_emb.shape: raise ValueError(f'prompt and bank embeddings differ in shape: {tuple(prompt_emb.shape)} vs {tuple(bank_emb.shape)}')
     if prompt_emb.shape[0] < 2: return prompt_emb.sum() * 0.0 + bank_emb.sum() * 0.0
-    logits = logit_scale * prompt_emb @ bank_emb.detach().T
-    target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    return ClipLoss()(prompt_emb, bank_emb.detach(), logit_scale)     # open_clip's InfoNCE, world_size=1: rank-local

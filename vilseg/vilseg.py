@@ -51,6 +51,16 @@ class ViLSegConfig:
 def _as_names(class_names) -> list[list[str]]:
     return [[c] if isinstance(c, str) else list(c) for c in class_names]
 
+def _load_noun_bank(module, state_dict, prefix, *args):
+    """Load-state-dict pre-hook of `ViLSeg` (at any prefix): a checkpoint's noun bank is loaded even when no vocabulary was
+    set (its size comes from the checkpoint); one of another size than the model's existing bank is refused."""
+    w = state_dict.get(prefix + 'noun_bank.weight')
+    if w is None: return
+    if module.noun_bank is None: module._make_bank(*w.shape)
+    elif tuple(module.noun_bank.weight.shape) != tuple(w.shape):   # an optimiser may hold the bank: never swap it
+        raise ValueError(f'the checkpoint has a noun bank of {tuple(w.shape)}, this model one of {tuple(module.noun_bank.weight.shape)}: '
+                         'another noun vocabulary (other captions, noun_parse or noun_min_count)')
+
 class ViLSeg(nn.Module):
     def __init__(self, cfg: ViLSegConfig | None = None, **kw):
         super().__init__()
@@ -74,6 +84,7 @@ class ViLSeg(nn.Module):
         self._text_cache = {}
         self.nouns = None                 # a NounExtractor, set by `set_noun_vocab` when lambda_nouns > 0
         self.noun_bank = None             # with cfg.noun_bank: an nn.Embedding, one row per vocabulary noun (`set_noun_vocab`)
+        self.register_load_state_dict_pre_hook(_load_noun_bank)
 
     def set_noun_vocab(self, vocab):
         """The words that `L_nouns` turns into prompts (see `losses.build_noun_vocab`). With `cfg.noun_bank`, also the bank:
@@ -89,14 +100,6 @@ class ViLSeg(nn.Module):
     def _make_bank(self, n: int, dim: int):
         self.noun_bank = nn.Embedding(n, dim, device=self.clip.logit_scale.device)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        "`nn.Module.load_state_dict`; a checkpoint's noun bank is loaded even when no vocabulary was set (its size comes from the checkpoint); one of another size than the model's existing bank is refused."
-        w = state_dict.get('noun_bank.weight')
-        if w is not None and self.noun_bank is None: self._make_bank(*w.shape)
-        elif w is not None and tuple(self.noun_bank.weight.shape) != tuple(w.shape):   # an optimiser may hold the bank: never swap it
-            raise ValueError(f'the checkpoint has a noun bank of {tuple(w.shape)}, this model one of {tuple(self.noun_bank.weight.shape)}: '
-                             'another noun vocabulary (other captions, noun_parse or noun_min_count)')
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- training -------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int | None = None) -> dict:

@@ -100,7 +100,6 @@ class ViLSeg(nn.Module):
     def _make_bank(self, n: int, dim: int):
         self.noun_bank = nn.Embedding(n, dim, device=self.clip.logit_scale.device)
 
-
     # ---- training -------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int | None = None) -> dict:
         "Losses for one batch: dict with `loss` (to backprop) and each term (detached floats for logging)."

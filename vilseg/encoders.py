@@ -14,8 +14,8 @@ from open_clip.transformer import text_global_pool
 from .core import atomic_write_text
 
 # %% auto #0
-__all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'ConvStem', 'register_configs', 'create_clip', 'image_features', 'encode_text',
-           'text_features']
+__all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'POS_SCALES', 'ConvStem', 'register_configs', 'create_clip', 'image_features',
+           'encode_text', 'text_features']
 
 # %% ../nbs/05_encoders.ipynb #c003
 TINY_CONFIGS = {
@@ -36,6 +36,9 @@ TINY_CONFIGS = {
 CONV_STEMS = {'vilseg-micro': dict(channels=(16, 32, 64), norm='gn', depth=1),
               'vilseg-tiny': dict(channels=(32, 64, 128), norm='bn', depth=2),
               'vilseg-small': dict(channels=(48, 96, 192), norm='bn', depth=2)}
+# factor on the fixed sin-cos positional embedding of the tiny configs that have one: at full scale it drowns the
+# stem's output and every image starts out alike (see "Position drowns the image" below)
+POS_SCALES = {'vilseg-tiny': 0.1}
 _REGISTERED = False
 
 class ConvStem(torch.nn.Sequential):
@@ -89,6 +92,7 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
     if stem:
         v = model.visual
         v.conv1 = ConvStem(v.transformer.width, v.patch_size[0], **stem).to(device)
+        with torch.no_grad(): v.positional_embedding.mul_(POS_SCALES.get(model_name, 1.0))   # a checkpoint's own is loaded below
         if pretrained:  # a checkpoint of a conv-stem config: load it now that the stem exists
             from open_clip.factory import load_state_dict as _oc_load   # .pt/.bin/.safetensors, 'state_dict', 'module.'
             try: model.load_state_dict(_oc_load(str(pretrained), device='cpu', weights_only=True))

@@ -61,6 +61,7 @@ def main(argv=None):
     s.add_argument('--background', type=_bool, default=True, help='add a background class decided by threshold')
     s.add_argument('--bg-threshold', type=float, default=None, help='default: the threshold calibrated in training')
     s.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
+    s.add_argument('--refine', type=int, default=None, help="EM steps refitting the clusters to the image (default: the checkpoint's refine_iters; 0: the head's assignment as is)")
     s.add_argument('--window', type=int, default=None, help='sliding-window size for large images')
     s.add_argument('--out', required=True); s.add_argument('--overlay', default=None)
     e = sub.add_parser('eval', help='evaluate a checkpoint, or an open_clip model (MaskCLIP baseline), with a protocol preset')
@@ -101,6 +102,9 @@ def main(argv=None):
         from vilseg.viz import colorize, overlay
         from vilseg.evaluate import slide_scores
         model, cfg = load_model(a.checkpoint)
+        if a.refine is not None:
+            if a.refine < 0: ap.error('--refine must be >= 0')
+            model.cfg.refine_iters = a.refine
         names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
         if not names: ap.error('--classes is empty')
         th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)

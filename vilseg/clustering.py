@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ClusterHead', 'cluster_embeddings']
+__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments']
 
 # %% ../nbs/07_clustering.ipynb #c003
 class ClusterHead(nn.Module):
@@ -32,3 +32,18 @@ def cluster_embeddings(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6):
     mass = qf.sum(1)
     e = torch.einsum('bnk,bnd->bkd', qf, zf) / (mass[..., None] + eps)
     return F.normalize(e, dim=-1), mass
+
+# %% ../nbs/07_clustering.ipynb #r002
+def refine_assignments(z: torch.Tensor, logits: torch.Tensor, iters: int = 5, tau: float = 0.02, eps: float = 1e-6) -> torch.Tensor:
+    """EM refit of cluster assignments to each image's own features. `z` `B x ... x D` patch embeddings, `logits`
+    `B x ... x K` (the head's) -> logits of the same shape after `iters` steps of: cluster means and masses from
+    the soft assignments, then `z . e_k / tau + log m_k`. `iters=0` returns `logits` unchanged."""
+    if iters < 0 or tau <= 0: raise ValueError(f'refine needs iters >= 0 and tau > 0, got iters={iters}, tau={tau}')
+    B, K = z.shape[0], logits.shape[-1]
+    zf = F.normalize(z.reshape(B, -1, z.shape[-1]), dim=-1)
+    lf = logits.reshape(B, -1, K)
+    for _ in range(iters):
+        e, mass = cluster_embeddings(zf, lf.softmax(-1), eps)
+        lf = torch.einsum('bnd,bkd->bnk', zf, e) / tau + (mass[:, None, :] + eps).log()
+    return lf.reshape(logits.shape)
+

@@ -56,6 +56,8 @@ class TrainConfig:
     noun_tau: float = 0.1
     noun_bank: bool = False           # learnable noun vectors as extra targets, the text tower distilled onto them (08_vilseg)
     dense_features: str = 'tokens'
+    refine_iters: int = 5             # read-out only: EM steps refitting the clusters to each image (07_clustering)
+    refine_tau: float = 0.02
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64
@@ -219,7 +221,8 @@ def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
 # settings that may differ between a run and its resumption; any other change is refused
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
-                     'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr'}
+                     'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr',
+                     'refine_iters', 'refine_tau'}
 def _norm(v): return list(v) if isinstance(v, tuple) else v
 
 def _trim_to_common_batch(batch: dict, ws: int) -> int:

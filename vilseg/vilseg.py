@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, bank_distill_loss, NounExtractor, NOUN_PARSES
-from .clustering import ClusterHead, cluster_embeddings
+from .clustering import ClusterHead, cluster_embeddings, refine_assignments
 from .views import align_to_pair, normalize
 
 # %% auto #0
@@ -46,6 +46,8 @@ class ViLSegConfig:
     noun_tau: float = 0.1             # temperature of that log-sum-exp
     noun_bank: bool = False           # a learnable vector per vocabulary noun: extra targets of the noun contrast, the text tower distilled onto them (06_losses)
     dense_features: str = 'tokens'    # the patch embeddings compared with text (noun contrast, cross_pool='attn', read-out): 'tokens', or 'value' (MaskCLIP's value path); the head always groups the tokens
+    refine_iters: int = 5             # read-out: EM steps refitting the head's clusters to each image's patch embeddings (07_clustering; 0: off)
+    refine_tau: float = 0.02          # their temperature
 
 # %% ../nbs/08_vilseg.ipynb #c008
 def _as_names(class_names) -> list[list[str]]:
@@ -69,6 +71,7 @@ class ViLSeg(nn.Module):
         if cfg.noun_parse not in NOUN_PARSES: raise ValueError(f"noun_parse must be one of {NOUN_PARSES}, got {cfg.noun_parse!r}")
         if cfg.noun_pool not in ('image', 'patches'): raise ValueError(f"noun_pool must be 'image' or 'patches', got {cfg.noun_pool!r}")
         if cfg.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {cfg.noun_tau}')
+        if cfg.refine_iters < 0 or cfg.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {cfg.refine_iters}, {cfg.refine_tau}')
         if cfg.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {cfg.cluster_images}')
         if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")
         if cfg.noun_bank and cfg.lambda_nouns <= 0: raise ValueError(f'noun_bank=True needs the noun contrast (lambda_nouns > 0), got lambda_nouns={cfg.lambda_nouns}')
@@ -193,10 +196,12 @@ class ViLSeg(nn.Module):
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, class_names, method: str = 'cluster', bg_index: int | None = None,
-               bg_threshold: float = 0.0, templates=None, dense: str | None = None, out_size=None) -> torch.Tensor:
+               bg_threshold: float = 0.0, templates=None, dense: str | None = None, out_size=None,
+               refine: int | None = None) -> torch.Tensor:
         """Per-pixel class scores `B x C x H x W` (background channel = `bg_threshold`). `images`: uint8 RGB or
         normalised float `Bx3xHxW`. `method`: 'cluster' (ViL-Seg) or 'dense' (MaskCLIP-style baseline). `dense`:
-        the patch embeddings, 'tokens' or 'value' (default: the model's `dense_features`)."""
+        the patch embeddings, 'tokens' or 'value' (default: the model's `dense_features`). `refine`: EM steps that
+        refit the clusters to each image (default: the model's `refine_iters`; 0: the head's assignment as is)."""
         if images.dtype == torch.uint8: images = normalize(images)
         H, W = out_size or images.shape[-2:]
         names = _as_names(class_names)
@@ -209,7 +214,7 @@ class ViLSeg(nn.Module):
         Hp, Wp = gh * ph, gw * pw                                                 # padded size covered by the grid
         def up(x): return F.interpolate(x, size=(Hp, Wp), mode='bilinear', align_corners=False)[..., :images.shape[-2], :images.shape[-1]]
         if method == 'cluster':
-            logits = self.head(f.get('tokens', f['patches']))                     # B h w K: the head groups the final tokens
+            logits = self._cluster_logits(f, z, refine)                          # B h w K
             q = logits.softmax(-1)
             e, mass = cluster_embeddings(z, q)
             s = e @ t.T                                                           # B K C
@@ -229,13 +234,19 @@ class ViLSeg(nn.Module):
         "Label maps `B x H x W` (indices into `class_names`). Keyword arguments as in `scores`."
         return self.scores(images, class_names, **kw).argmax(1)
 
+    def _cluster_logits(self, f: dict, z: torch.Tensor, refine: int | None = None) -> torch.Tensor:
+        "The head's logits on the final tokens (`f` from `image_features`), refitted to each image's patch embeddings `z`."
+        logits = self.head(f.get('tokens', f['patches']))                     # B h w K: the head groups the final tokens
+        iters = self.cfg.refine_iters if refine is None else refine
+        return refine_assignments(z, logits, iters, self.cfg.refine_tau) if iters else logits
+
     @torch.no_grad()
-    def clusters(self, images: torch.Tensor) -> torch.Tensor:
-        "Cluster index of each pixel (`B x H x W`), from the upsampled soft assignments."
+    def clusters(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
+        "Cluster index of each pixel (`B x H x W`), from the upsampled soft assignments (refitted as in `scores`)."
         if images.dtype == torch.uint8: images = normalize(images)
         H, W = images.shape[-2:]
-        f = image_features(self.clip, images)
-        logits = self.head(f['patches']).permute(0, 3, 1, 2)
+        f = image_features(self.clip, images, dense=self.cfg.dense_features)
+        logits = self._cluster_logits(f, F.normalize(f['patches'], dim=-1), refine).permute(0, 3, 1, 2)
         ph, pw = self.clip.visual.patch_size
         up = F.interpolate(logits, size=(f['grid'][0] * ph, f['grid'][1] * pw), mode='bilinear', align_corners=False)
         return up[..., :H, :W].argmax(1)                                   # the grid covers the padded image: crop

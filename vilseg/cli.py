@@ -26,6 +26,7 @@ def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
     if not isinstance(ck, dict) or 'config' not in ck or 'model' not in ck:
         raise VilsegDataError(checkpoint, 'not a vilseg training checkpoint (no model/config); use open_clip models via create_clip')
     cfg = TrainConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(TrainConfig)}})
+    if 'refine_iters' not in ck['config']: cfg.refine_iters = 0   # a run from before the clusters' refit: its own read-out (and threshold)
     mcfg = cfg.model_config(); mcfg.pretrained = None        # the checkpoint holds every weight
     model = ViLSeg(mcfg); model.load_state_dict(ck['model']); model.eval().to(device)
     return model, ck['config']
@@ -79,6 +80,7 @@ def main(argv=None):
     for k, t in (('short-side', int), ('window', int), ('stride', int)):
         e.add_argument(f'--{k}', type=t, default=None, help=f"override the preset's {k} (0 = none)")
     e.add_argument('--templates', default=None, help='imagenet80, short or world')
+    e.add_argument('--refine', type=int, default=None, help="EM steps refitting the clusters to each image (default: the checkpoint's refine_iters)")
     e.add_argument('--max-images', type=int, default=None)
     e.add_argument('--out-dir', default=None, help='write metrics.json, per_class.csv, per_class.png here')
     e.add_argument('--overwrite', type=_bool, default=False, metavar='BOOL', help='move an existing --out-dir aside')
@@ -124,7 +126,7 @@ def main(argv=None):
         if a.templates: ov['templates'] = a.templates
         if not a.checkpoint and not a.model: ap.error('eval needs --checkpoint or --model')
         r = evaluate_run(a.checkpoint, a.model, a.pretrained, a.preset, a.data, a.split, a.method, a.dense, a.bg_threshold,
-                         a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, **ov)
+                         a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, refine=a.refine, **ov)
         res = {'miou': r['miou'], 'aacc': r['aacc'], 'macc': r['macc'], 'bg_threshold': r['bg_threshold'], 'method': r['method'],
                'preset': a.preset, 'n_images': r['n_images'], 'images_per_second': round(r['images_per_second'], 3),
                'iou': {c: (None if v != v else float(v)) for c, v in zip(r['class_names'], r['iou'])}}

@@ -159,14 +159,19 @@ def calibrated_threshold(checkpoint, method: str) -> float | None:
 def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | None = None, preset: str = 'world',
                  data='data/world', split: str | None = None, method: str | None = None, dense: str | None = None,
                  bg_threshold: float | None = None, thresholds=None, max_images: int | None = None, out_dir=None,
-                 overwrite: bool = False, device='cpu', progress: bool = True, **overrides) -> dict:
-    "Evaluate a checkpoint or an open_clip model with a preset; write metrics.json, per_class.csv/png to `out_dir`."
+                 overwrite: bool = False, device='cpu', progress: bool = True, refine: int | None = None, **overrides) -> dict:
+    """Evaluate a checkpoint or an open_clip model with a preset; write metrics.json, per_class.csv/png to `out_dir`.
+    `refine`: EM steps refitting a checkpoint's clusters to each image (default: the checkpoint's own `refine_iters`)."""
     from vilseg.core import make_run_dir
     if out_dir is not None: make_run_dir(out_dir, overwrite=overwrite)     # refuse before spending the time
     if checkpoint:
         from vilseg.cli import load_model
         m, _ = load_model(checkpoint, device)
         method = method or 'cluster'
+        run_refine = m.cfg.refine_iters
+        if refine is not None:
+            if refine < 0: raise ValueError(f'refine must be >= 0, got {refine}')
+            m.cfg.refine_iters = refine
     else:
         m = clip_baseline(model, pretrained, device)
         method = method or 'dense'
@@ -176,6 +181,9 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
         bg_threshold = calibrated_threshold(checkpoint, method)
         if bg_threshold is None:   # stderr: `vilseg eval` prints its JSON on stdout
             print(f"warning: no calibrated threshold next to {checkpoint}; using the preset's {p.bg_threshold}", file=sys.stderr)
+        elif method == 'cluster' and m.cfg.refine_iters != run_refine:
+            print(f'warning: the threshold {bg_threshold} was calibrated with refine={run_refine}, not {m.cfg.refine_iters}; '
+                  'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
     if bg_threshold is not None: overrides['bg_threshold'] = float(bg_threshold)
     r = run_protocol(m, p, data, method=method, dense=dense, split=split, max_images=max_images,
                      thresholds=thresholds, device=device, progress=progress, **overrides)

@@ -33,6 +33,11 @@ def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
 
 def _bool(s): return str(s).lower() in ('1', 'true', 'yes', 'y')
 
+def _steps(s):
+    "An argparse type: an integer >= 0 (refused before anything is loaded)."
+    if int(s) < 0: raise argparse.ArgumentTypeError(f'must be >= 0, got {s}')
+    return int(s)
+
 def _dataclass_parser(p, cls, free_tuples: bool = False):
     "One option per field of dataclass `cls` (`--field-name`), typed by its default; tuples take `len` floats (any number if `free_tuples`)."
     for f in fields(cls):
@@ -62,7 +67,7 @@ def main(argv=None):
     s.add_argument('--background', type=_bool, default=True, help='add a background class decided by threshold')
     s.add_argument('--bg-threshold', type=float, default=None, help='default: the threshold calibrated in training')
     s.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
-    s.add_argument('--refine', type=int, default=None, help="EM steps refitting the clusters to the image (default: the checkpoint's refine_iters; 0: the head's assignment as is)")
+    s.add_argument('--refine', type=_steps, default=None, help="EM steps refitting the clusters to the image (default: the checkpoint's refine_iters; 0: the head's assignment as is)")
     s.add_argument('--window', type=int, default=None, help='sliding-window size for large images')
     s.add_argument('--out', required=True); s.add_argument('--overlay', default=None)
     e = sub.add_parser('eval', help='evaluate a checkpoint, or an open_clip model (MaskCLIP baseline), with a protocol preset')
@@ -80,7 +85,7 @@ def main(argv=None):
     for k, t in (('short-side', int), ('window', int), ('stride', int)):
         e.add_argument(f'--{k}', type=t, default=None, help=f"override the preset's {k} (0 = none)")
     e.add_argument('--templates', default=None, help='imagenet80, short or world')
-    e.add_argument('--refine', type=int, default=None, help="EM steps refitting the clusters to each image (default: the checkpoint's refine_iters)")
+    e.add_argument('--refine', type=_steps, default=None, help="EM steps refitting the clusters to each image (default: the checkpoint's refine_iters)")
     e.add_argument('--max-images', type=int, default=None)
     e.add_argument('--out-dir', default=None, help='write metrics.json, per_class.csv, per_class.png here')
     e.add_argument('--overwrite', type=_bool, default=False, metavar='BOOL', help='move an existing --out-dir aside')
@@ -104,9 +109,7 @@ def main(argv=None):
         from vilseg.viz import colorize, overlay
         from vilseg.evaluate import slide_scores
         model, cfg = load_model(a.checkpoint)
-        if a.refine is not None:
-            if a.refine < 0: ap.error('--refine must be >= 0')
-            model.cfg.refine_iters = a.refine
+        if a.refine is not None: model.cfg.refine_iters = a.refine
         names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
         if not names: ap.error('--classes is empty')
         th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)

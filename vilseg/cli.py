@@ -68,6 +68,7 @@ def main(argv=None):
     s.add_argument('--bg-threshold', type=float, default=None, help='default: the threshold calibrated in training')
     s.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
     s.add_argument('--refine', type=_steps, default=None, help="EM steps refitting the clusters to the image (default: the checkpoint's refine_iters; 0: the head's assignment as is)")
+    s.add_argument('--pamr', type=_steps, default=None, help="steps refining the mask by the image's colours (PAMR; default: the checkpoint's pamr_iters; 0: off)")
     s.add_argument('--window', type=int, default=None, help='sliding-window size for large images')
     s.add_argument('--out', required=True); s.add_argument('--overlay', default=None)
     e = sub.add_parser('eval', help='evaluate a checkpoint, or an open_clip model (MaskCLIP baseline), with a protocol preset')
@@ -86,6 +87,7 @@ def main(argv=None):
         e.add_argument(f'--{k}', type=t, default=None, help=f"override the preset's {k} (0 = none)")
     e.add_argument('--templates', default=None, help='imagenet80, short or world')
     e.add_argument('--refine', type=_steps, default=None, help="EM steps refitting the clusters to each image (default: the checkpoint's refine_iters)")
+    e.add_argument('--pamr', type=_steps, default=None, help="steps refining the scores by each image's colours (PAMR; default: the checkpoint's pamr_iters, 0 for --model)")
     e.add_argument('--max-images', type=int, default=None)
     e.add_argument('--out-dir', default=None, help='write metrics.json, per_class.csv, per_class.png here')
     e.add_argument('--overwrite', type=_bool, default=False, metavar='BOOL', help='move an existing --out-dir aside')
@@ -110,6 +112,7 @@ def main(argv=None):
         from vilseg.evaluate import slide_scores
         model, cfg = load_model(a.checkpoint)
         if a.refine is not None: model.cfg.refine_iters = a.refine
+        if a.pamr is not None: model.cfg.pamr_iters = a.pamr
         names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
         if not names: ap.error('--classes is empty')
         th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)
@@ -129,7 +132,8 @@ def main(argv=None):
         if a.templates: ov['templates'] = a.templates
         if not a.checkpoint and not a.model: ap.error('eval needs --checkpoint or --model')
         r = evaluate_run(a.checkpoint, a.model, a.pretrained, a.preset, a.data, a.split, a.method, a.dense, a.bg_threshold,
-                         a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, refine=a.refine, **ov)
+                         a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, refine=a.refine,
+                         pamr_iters=a.pamr, **ov)
         res = {'miou': r['miou'], 'aacc': r['aacc'], 'macc': r['macc'], 'bg_threshold': r['bg_threshold'], 'method': r['method'],
                'preset': a.preset, 'n_images': r['n_images'], 'images_per_second': round(r['images_per_second'], 3),
                'iou': {c: (None if v != v else float(v)) for c, v in zip(r['class_names'], r['iou'])}}

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments']
+__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments', 'pamr']
 
 # %% ../nbs/07_clustering.ipynb #c003
 class ClusterHead(nn.Module):
@@ -46,4 +46,34 @@ def refine_assignments(z: torch.Tensor, logits: torch.Tensor, iters: int = 5, ta
         e, mass = cluster_embeddings(zf, lf.softmax(-1), eps)
         lf = torch.einsum('bnd,bkd->bnk', zf, e) / tau + (mass[:, None, :] + eps).log()
     return lf.reshape(logits.shape)
+
+
+# %% ../nbs/07_clustering.ipynb #p002
+def _pamr_offsets(dilations) -> list[tuple[int, int]]:
+    return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 5, dilations=(1, 2, 4, 8)) -> torch.Tensor:
+    """Pixel-adaptive refinement of `scores` (`B x C x H x W`, finite) by `images` (`B x 3 x H x W`, raw or
+    normalised): `iters` steps of replacing each pixel's scores by the affinity-weighted mean of its 8 neighbours
+    at each of `dilations` (replicate padding). `iters=0` returns `scores` unchanged."""
+    if iters < 0: raise ValueError(f'pamr iters must be >= 0, got {iters}')
+    ds = tuple(int(d) for d in dilations)
+    if not ds or any(d < 1 or d != float(o) for d, o in zip(ds, dilations)):
+        raise ValueError(f'pamr dilations must be positive integers, got {tuple(dilations)}')
+    if iters == 0: return scores
+    if images.shape[0] != scores.shape[0] or images.shape[-2:] != scores.shape[-2:]:
+        raise ValueError(f'pamr: images {tuple(images.shape)} and scores {tuple(scores.shape)} differ in batch or size')
+    B, _, H, W = images.shape; m = max(ds); offs = _pamr_offsets(ds)
+    def neighbours(x):
+        p = F.pad(x, (m, m, m, m), mode='replicate')
+        return [p[..., m + dy:m + dy + H, m + dx:m + dx + W] for dy, dx in offs]
+    x = images.float()
+    nb = torch.stack(neighbours(x), 2)                                          # B 3 N H W
+    kappa = -((nb - x[:, :, None]).abs() / (nb.std(2, keepdim=True) + 1e-8)).mean(1)
+    alpha = kappa.softmax(1).to(scores.dtype)                                   # B N H W, sums to 1 over N
+    for _ in range(iters):
+        s = torch.zeros_like(scores)
+        for i, t in enumerate(neighbours(scores)): s += alpha[:, i:i + 1] * t
+        scores = s
+    return scores
 

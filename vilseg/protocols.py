@@ -159,9 +159,11 @@ def calibrated_threshold(checkpoint, method: str) -> float | None:
 def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | None = None, preset: str = 'world',
                  data='data/world', split: str | None = None, method: str | None = None, dense: str | None = None,
                  bg_threshold: float | None = None, thresholds=None, max_images: int | None = None, out_dir=None,
-                 overwrite: bool = False, device='cpu', progress: bool = True, refine: int | None = None, **overrides) -> dict:
+                 overwrite: bool = False, device='cpu', progress: bool = True, refine: int | None = None, pamr_iters: int | None = None,
+                 **overrides) -> dict:
     """Evaluate a checkpoint or an open_clip model with a preset; write metrics.json, per_class.csv/png to `out_dir`.
-    `refine`: EM steps refitting a checkpoint's clusters to each image (default: the checkpoint's own `refine_iters`)."""
+    `refine`: EM steps refitting a checkpoint's clusters to each image (default: the checkpoint's own `refine_iters`).
+    `pamr_iters`: steps refining the scores by the image (PAMR; default: the checkpoint's own, 0 for an open_clip model)."""
     from vilseg.core import make_run_dir
     if out_dir is not None: make_run_dir(out_dir, overwrite=overwrite)     # refuse before spending the time
     if checkpoint:
@@ -176,6 +178,10 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
         m = clip_baseline(model, pretrained, device)
         method = method or 'dense'
         if method != 'dense': raise ValueError("an open_clip model without a trained clustering head supports method='dense' only")
+    run_pamr = m.cfg.pamr_iters
+    if pamr_iters is not None:
+        if pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {pamr_iters}')
+        m.cfg.pamr_iters = pamr_iters
     p = get_protocol(preset)
     if bg_threshold is None and checkpoint and p.benchmark == 'world':
         bg_threshold = calibrated_threshold(checkpoint, method)
@@ -183,6 +189,9 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
             print(f"warning: no calibrated threshold next to {checkpoint}; using the preset's {p.bg_threshold}", file=sys.stderr)
         elif method == 'cluster' and m.cfg.refine_iters != run_refine:
             print(f'warning: the threshold {bg_threshold} was calibrated with refine={run_refine}, not {m.cfg.refine_iters}; '
+                  'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
+        elif m.cfg.pamr_iters != run_pamr:
+            print(f'warning: the threshold {bg_threshold} was calibrated with pamr_iters={run_pamr}, not {m.cfg.pamr_iters}; '
                   'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
     if bg_threshold is not None: overrides['bg_threshold'] = float(bg_threshold)
     r = run_protocol(m, p, data, method=method, dense=dense, split=split, max_images=max_images,

@@ -58,6 +58,8 @@ class TrainConfig:
     dense_features: str = 'tokens'
     refine_iters: int = 5             # read-out only: EM steps refitting the clusters to each image (07_clustering)
     refine_tau: float = 0.02
+    pamr_iters: int = 0               # read-out only: steps refining the score maps by the image (PAMR, 07_clustering)
+    pamr_dilations: tuple = (1, 2, 4, 8)
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64
@@ -222,7 +224,7 @@ def _unwrap(m): return m.module if hasattr(m, 'module') else m
 # settings that may differ between a run and its resumption; any other change is refused
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
                      'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr',
-                     'refine_iters', 'refine_tau'}
+                     'refine_iters', 'refine_tau', 'pamr_iters', 'pamr_dilations'}
 def _norm(v): return list(v) if isinstance(v, tuple) else v
 
 def _trim_to_common_batch(batch: dict, ws: int) -> int:

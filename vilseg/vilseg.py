@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, bank_distill_loss, NounExtractor, NOUN_PARSES
-from .clustering import ClusterHead, cluster_embeddings, refine_assignments
+from .clustering import ClusterHead, cluster_embeddings, refine_assignments, pamr
 from .views import align_to_pair, normalize
 
 # %% auto #0
@@ -48,6 +48,8 @@ class ViLSegConfig:
     dense_features: str = 'tokens'    # the patch embeddings compared with text (noun contrast, cross_pool='attn', read-out): 'tokens', or 'value' (MaskCLIP's value path); the head always groups the tokens
     refine_iters: int = 5             # read-out: EM steps refitting the head's clusters to each image's patch embeddings (07_clustering; 0: off)
     refine_tau: float = 0.02          # their temperature
+    pamr_iters: int = 0               # read-out: steps refining the score maps by the image's colours (PAMR, 07_clustering; 0: off)
+    pamr_dilations: tuple = (1, 2, 4, 8)
 
 # %% ../nbs/08_vilseg.ipynb #c008
 def _as_names(class_names) -> list[list[str]]:
@@ -71,6 +73,8 @@ class ViLSeg(nn.Module):
         if cfg.noun_parse not in NOUN_PARSES: raise ValueError(f"noun_parse must be one of {NOUN_PARSES}, got {cfg.noun_parse!r}")
         if cfg.noun_pool not in ('image', 'patches'): raise ValueError(f"noun_pool must be 'image' or 'patches', got {cfg.noun_pool!r}")
         if cfg.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {cfg.noun_tau}')
+        if cfg.pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {cfg.pamr_iters}')
+        pamr(torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1, 1), 0, cfg.pamr_dilations)   # names bad pamr_dilations now, not at the first read-out
         if cfg.refine_iters < 0 or cfg.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {cfg.refine_iters}, {cfg.refine_tau}')
         if cfg.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {cfg.cluster_images}')
         if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")
@@ -197,11 +201,13 @@ class ViLSeg(nn.Module):
     @torch.no_grad()
     def scores(self, images: torch.Tensor, class_names, method: str = 'cluster', bg_index: int | None = None,
                bg_threshold: float = 0.0, templates=None, dense: str | None = None, out_size=None,
-               refine: int | None = None) -> torch.Tensor:
+               refine: int | None = None, pamr_iters: int | None = None) -> torch.Tensor:
         """Per-pixel class scores `B x C x H x W` (background channel = `bg_threshold`). `images`: uint8 RGB or
         normalised float `Bx3xHxW`. `method`: 'cluster' (ViL-Seg) or 'dense' (MaskCLIP-style baseline). `dense`:
         the patch embeddings, 'tokens' or 'value' (default: the model's `dense_features`). `refine`: EM steps that
-        refit the clusters to each image (default: the model's `refine_iters`; 0: the head's assignment as is)."""
+        refit the clusters to each image (default: the model's `refine_iters`; 0: the head's assignment as is).
+        `pamr_iters`: steps refining the scores by the image's colours at the input size (default: the model's;
+        0: off), before they are resized to `out_size`."""
         if images.dtype == torch.uint8: images = normalize(images)
         H, W = out_size or images.shape[-2:]
         names = _as_names(class_names)
@@ -223,6 +229,8 @@ class ViLSeg(nn.Module):
         elif method == 'dense':
             S = up((z @ t.T).permute(0, 3, 1, 2))
         else: raise ValueError(f"method must be 'cluster' or 'dense', got {method!r}")
+        n_pamr = self.cfg.pamr_iters if pamr_iters is None else pamr_iters
+        if n_pamr: S = pamr(images, S, n_pamr, self.cfg.pamr_dilations)      # at the input size, by its colours
         if S.shape[-2:] != (H, W): S = F.interpolate(S, size=(H, W), mode='bilinear', align_corners=False)
         if bg_index is not None:
             bg = torch.full_like(S[:, :1], bg_threshold)

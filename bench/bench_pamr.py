@@ -1,0 +1,45 @@
+"""Cost of the PAMR read-out refinement (`vilseg.clustering.pamr`, `nbs/07_clustering`) on its own: milliseconds
+per image for score maps of a given size and class count, at the demo's setting (5 steps, dilations 1, 2, 4, 8),
+and how that compares with the rest of the read-out on the embedded world (`--world`: the demo checkpoint's
+`evaluate` with and without PAMR on the val split).
+
+    .venv/bin/python bench/bench_pamr.py                       # 64 px x 16 classes (the world), 448 px x 20 (a VOC window)
+    .venv/bin/python bench/bench_pamr.py --world runs/demo/checkpoint.pt"""
+import argparse, json, time
+import torch
+from vilseg.clustering import pamr
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument('--sizes', type=int, nargs='+', default=[64, 448])
+ap.add_argument('--classes', type=int, nargs='+', default=[16, 20], help='one per size')
+ap.add_argument('--batch', type=int, nargs='+', default=[32, 1], help='images per call, one per size')
+ap.add_argument('--iters', type=int, default=5)
+ap.add_argument('--repeats', type=int, default=5)
+ap.add_argument('--threads', type=int, default=torch.get_num_threads())
+ap.add_argument('--world', default=None, help='a checkpoint: also time evaluate() on data/world val with and without PAMR')
+ap.add_argument('--data', default='data/world')
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+if not len(a.sizes) == len(a.classes) == len(a.batch): ap.error('--sizes, --classes and --batch need one value each per size')
+
+rows = []
+for size, C, B in zip(a.sizes, a.classes, a.batch):
+    g = torch.Generator().manual_seed(0)
+    img, S = torch.rand(B, 3, size, size, generator=g), torch.randn(B, C, size, size, generator=g)
+    pamr(img, S, a.iters)                                                  # warm-up
+    t = time.perf_counter()
+    for _ in range(a.repeats): pamr(img, S, a.iters)
+    ms = (time.perf_counter() - t) / (a.repeats * B) * 1000
+    rows.append({'size': size, 'classes': C, 'batch': B, 'iters': a.iters, 'ms_per_image': round(ms, 2)})
+    print(json.dumps(rows[-1]), flush=True)
+
+if a.world:
+    from vilseg.cli import load_model
+    from vilseg.segdata import VOCStyleSegmentation
+    from vilseg.evaluate import evaluate
+    m, _ = load_model(a.world); val = VOCStyleSegmentation(a.data, 'val')
+    for it in (0, a.iters):
+        m.cfg.pamr_iters = it
+        r = evaluate(m, val, progress=False, bg_threshold=0.1)
+        print(json.dumps({'world_eval': a.world, 'pamr_iters': it, 'images': r['n_images'],
+                          'images_per_second': round(r['images_per_second'], 1), 'miou_at_0.1': round(float(r['miou']), 4)}), flush=True)

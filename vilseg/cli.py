@@ -43,6 +43,8 @@ def _dataclass_parser(p, cls, free_tuples: bool = False):
     for f in fields(cls):
         name = '--' + f.name.replace('_', '-'); d = f.default
         if isinstance(d, bool): p.add_argument(name, type=_bool, default=d, metavar='BOOL')
+        elif isinstance(d, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in d):
+            p.add_argument(name, type=int, nargs='+', default=d)          # integer tuples (e.g. pamr_dilations): any number
         elif isinstance(d, tuple): p.add_argument(name, type=float, nargs='+' if free_tuples else len(d), default=d)
         elif d is None: p.add_argument(name, default=None)
         else: p.add_argument(name, type=type(d), default=d)
@@ -111,11 +113,16 @@ def main(argv=None):
         from vilseg.viz import colorize, overlay
         from vilseg.evaluate import slide_scores
         model, cfg = load_model(a.checkpoint)
+        run_readout = (model.cfg.refine_iters, model.cfg.pamr_iters)
         if a.refine is not None: model.cfg.refine_iters = a.refine
         if a.pamr is not None: model.cfg.pamr_iters = a.pamr
         names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
         if not names: ap.error('--classes is empty')
         th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)
+        if a.bg_threshold is None and a.background and ((a.method == 'cluster' and model.cfg.refine_iters != run_readout[0])
+                                                         or model.cfg.pamr_iters != run_readout[1]):
+            print(f'warning: the threshold {th} was calibrated with refine={run_readout[0]}, pamr_iters={run_readout[1]}; '
+                  'pass --bg-threshold', file=sys.stderr)
         if a.background: names = [['background']] + names
         img = load_image(a.image)[None]
         kw = dict(method=a.method, bg_index=0 if a.background else None, bg_threshold=th)

@@ -52,11 +52,12 @@ def refine_assignments(z: torch.Tensor, logits: torch.Tensor, iters: int = 5, ta
 def _pamr_offsets(dilations) -> list[tuple[int, int]]:
     return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
-def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 5, dilations=(1, 2, 4, 8)) -> torch.Tensor:
+def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 10, dilations=(1, 2, 4, 8, 12, 24), tau: float = 0.1) -> torch.Tensor:
     """Pixel-adaptive refinement of `scores` (`B x C x H x W`, finite) by `images` (`B x 3 x H x W`, raw or
     normalised): `iters` steps of replacing each pixel's scores by the affinity-weighted mean of its 8 neighbours
-    at each of `dilations` (replicate padding). `iters=0` returns `scores` unchanged."""
-    if iters < 0: raise ValueError(f'pamr iters must be >= 0, got {iters}')
+    at each of `dilations` (replicate padding); colour differences in units of `tau` times the local spread.
+    `iters=0` returns `scores` unchanged."""
+    if iters < 0 or not tau > 0: raise ValueError(f'pamr needs iters >= 0 and tau > 0, got iters={iters}, tau={tau}')
     ds = tuple(int(d) for d in dilations)
     if not ds or any(d < 1 or d != float(o) for d, o in zip(ds, dilations)):
         raise ValueError(f'pamr dilations must be positive integers, got {tuple(dilations)}')
@@ -69,7 +70,8 @@ def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 5, dilations=(
         return [p[..., m + dy:m + dy + H, m + dx:m + dx + W] for dy, dx in offs]
     x = images.float()
     nb = torch.stack(neighbours(x), 2)                                          # B 3 N H W
-    kappa = -((nb - x[:, :, None]).abs() / (nb.std(2, keepdim=True) + 1e-8)).mean(1)
+    sd = torch.cat([nb, x[:, :, None].expand(-1, -1, len(ds), -1, -1)], 2).std(2, keepdim=True)   # the 3x3 windows, centres included
+    kappa = -((nb - x[:, :, None]).abs() / (tau * sd + 1e-8)).mean(1)
     alpha = kappa.softmax(1).to(scores.dtype)                                   # B N H W, sums to 1 over N
     for _ in range(iters):
         s = torch.zeros_like(scores)

@@ -190,7 +190,7 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
         elif method == 'cluster' and m.cfg.refine_iters != run_refine:
             print(f'warning: the threshold {bg_threshold} was calibrated with refine={run_refine}, not {m.cfg.refine_iters}; '
                   'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
-        elif m.cfg.pamr_iters != run_pamr:
+        if bg_threshold is not None and m.cfg.pamr_iters != run_pamr:
             print(f'warning: the threshold {bg_threshold} was calibrated with pamr_iters={run_pamr}, not {m.cfg.pamr_iters}; '
                   'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
     if bg_threshold is not None: overrides['bg_threshold'] = float(bg_threshold)

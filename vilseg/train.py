@@ -59,7 +59,7 @@ class TrainConfig:
     refine_iters: int = 5             # read-out only: EM steps refitting the clusters to each image (07_clustering)
     refine_tau: float = 0.02
     pamr_iters: int = 0               # read-out only: steps refining the score maps by the image (PAMR, 07_clustering)
-    pamr_dilations: tuple = (1, 2, 4, 8)
+    pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64

@@ -49,7 +49,7 @@ class ViLSegConfig:
     refine_iters: int = 5             # read-out: EM steps refitting the head's clusters to each image's patch embeddings (07_clustering; 0: off)
     refine_tau: float = 0.02          # their temperature
     pamr_iters: int = 0               # read-out: steps refining the score maps by the image's colours (PAMR, 07_clustering; 0: off)
-    pamr_dilations: tuple = (1, 2, 4, 8)
+    pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
 
 # %% ../nbs/08_vilseg.ipynb #c008
 def _as_names(class_names) -> list[list[str]]:

@@ -1,5 +1,5 @@
 """Cost of the PAMR read-out refinement (`vilseg.clustering.pamr`, `nbs/07_clustering`) on its own: milliseconds
-per image for score maps of a given size and class count, at the demo's setting (5 steps, dilations 1, 2, 4, 8),
+per image for score maps of a given size and class count, at the demo's setting (10 steps, dilations 1, 2, 4, 8, 12, 24),
 and how that compares with the rest of the read-out on the embedded world (`--world`: the demo checkpoint's
 `evaluate` with and without PAMR on the val split).
 
@@ -13,7 +13,7 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument('--sizes', type=int, nargs='+', default=[64, 448])
 ap.add_argument('--classes', type=int, nargs='+', default=[16, 20], help='one per size')
 ap.add_argument('--batch', type=int, nargs='+', default=[32, 1], help='images per call, one per size')
-ap.add_argument('--iters', type=int, default=5)
+ap.add_argument('--iters', type=int, default=10)
 ap.add_argument('--repeats', type=int, default=5)
 ap.add_argument('--threads', type=int, default=torch.get_num_threads())
 ap.add_argument('--world', default=None, help='a checkpoint: also time evaluate() on data/world val with and without PAMR')

@@ -73,9 +73,10 @@ def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 10, dilations=
     sd = torch.cat([nb, x[:, :, None].expand(-1, -1, len(ds), -1, -1)], 2).std(2, keepdim=True)   # the 3x3 windows, centres included
     kappa = -((nb - x[:, :, None]).abs() / (tau * sd + 1e-8)).mean(1)
     alpha = kappa.softmax(1).to(scores.dtype)                                   # B N H W, sums to 1 over N
+    alphas = alpha.unbind(1)
     for _ in range(iters):
         s = torch.zeros_like(scores)
-        for i, t in enumerate(neighbours(scores)): s += alpha[:, i:i + 1] * t
+        for a, t in zip(alphas, neighbours(scores)): s.addcmul_(a[:, None], t)   # in place: no temporaries
         scores = s
     return scores
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments', 'pamr']
+__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments', 'pamr_dilations', 'pamr']
 
 # %% ../nbs/07_clustering.ipynb #c003
 class ClusterHead(nn.Module):
@@ -52,15 +52,20 @@ def refine_assignments(z: torch.Tensor, logits: torch.Tensor, iters: int = 5, ta
 def _pamr_offsets(dilations) -> list[tuple[int, int]]:
     return [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
+def pamr_dilations(dilations) -> tuple[int, ...]:
+    "`dilations` as a tuple of ints; a ValueError naming them unless they are positive integers (floats like 2.0 pass)."
+    ds = tuple(int(d) for d in dilations)
+    if not ds or any(d < 1 or d != float(o) for d, o in zip(ds, dilations)):
+        raise ValueError(f'pamr dilations must be positive integers, got {tuple(dilations)}')
+    return ds
+
 def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 10, dilations=(1, 2, 4, 8, 12, 24), tau: float = 0.1) -> torch.Tensor:
     """Pixel-adaptive refinement of `scores` (`B x C x H x W`, finite) by `images` (`B x 3 x H x W`, raw or
     normalised): `iters` steps of replacing each pixel's scores by the affinity-weighted mean of its 8 neighbours
     at each of `dilations` (replicate padding); colour differences in units of `tau` times the local spread.
     `iters=0` returns `scores` unchanged."""
     if iters < 0 or not tau > 0: raise ValueError(f'pamr needs iters >= 0 and tau > 0, got iters={iters}, tau={tau}')
-    ds = tuple(int(d) for d in dilations)
-    if not ds or any(d < 1 or d != float(o) for d, o in zip(ds, dilations)):
-        raise ValueError(f'pamr dilations must be positive integers, got {tuple(dilations)}')
+    ds = pamr_dilations(dilations)
     if iters == 0: return scores
     if images.shape[0] != scores.shape[0] or images.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f'pamr: images {tuple(images.shape)} and scores {tuple(scores.shape)} differ in batch or size')

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, bank_distill_loss, NounExtractor, NOUN_PARSES
-from .clustering import ClusterHead, cluster_embeddings, refine_assignments, pamr
+from .clustering import ClusterHead, cluster_embeddings, refine_assignments, pamr, pamr_dilations
 from .views import align_to_pair, normalize
 
 # %% auto #0
@@ -74,7 +74,7 @@ class ViLSeg(nn.Module):
         if cfg.noun_pool not in ('image', 'patches'): raise ValueError(f"noun_pool must be 'image' or 'patches', got {cfg.noun_pool!r}")
         if cfg.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {cfg.noun_tau}')
         if cfg.pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {cfg.pamr_iters}')
-        pamr(torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1, 1), 0, cfg.pamr_dilations)   # names bad pamr_dilations now, not at the first read-out
+        pamr_dilations(cfg.pamr_dilations)                  # bad dilations named now, not at the first read-out
         if cfg.refine_iters < 0 or cfg.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {cfg.refine_iters}, {cfg.refine_tau}')
         if cfg.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {cfg.cluster_images}')
         if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")

@@ -8,10 +8,11 @@ DEMO_DIR ?= runs/demo
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: help install demo test test-fast export lab world bench
+.PHONY: help install demo zeroshot test test-fast export lab world bench
 
 help:
 	@echo "make demo    set up .venv, generate the embedded world, train + evaluate ViL-Seg -> $(DEMO_DIR)/"
+	@echo "make zeroshot  the zero-shot variants on the embedded world over the demo's backbone -> $(ZS_DIR)/table.md"
 	@echo "make test    set up .venv if needed, run the whole pytest suite (notebooks + unit tests)"
 	@echo "make lab     JupyterLab on the project kernel"
 	@echo "make export  nbdev_export + nbdev_clean (notebooks are the source of vilseg/)"
@@ -34,6 +35,24 @@ demo: $(STAMP)
 	  status=$$?; mkdir -p $(DEMO_DIR); mv runs/.demo-train.ipynb $(DEMO_DIR)/train.ipynb; \
 	  test $$status -eq 0 && $(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/metrics.json')); print('val mIoU %.3f (dense baseline %.3f, patch oracle %.3f) in %.0f s' % (m['val_miou'], m['val_miou_dense_baseline'], m['patch_oracle_miou'], m['total_seconds']))"; \
 	  exit $$status
+
+# The zero-shot track (nbs/16_proposals, 17_zeroshot): each variant x seed trained over the demo's ViL-Seg backbone (made
+# by `make demo` first when missing) by nbs/experiments/zeroshot.ipynb into $(ZS_DIR)/<variant>-s<seed>/, then one table.
+# Finished runs (metrics.json present) are skipped and unfinished ones resumed, so a killed `make zeroshot` continues.
+ZS_DIR ?= runs/zeroshot
+ZS_VARIANTS ?= baseline no_bg cel cel_listmle cel_pseudo_gt cel_pseudo_all
+ZS_SEEDS ?= 0
+ZS_ARGS ?=
+$(DEMO_DIR)/metrics.json:
+	$(MAKE) demo
+
+zeroshot: $(STAMP) $(DEMO_DIR)/metrics.json
+	@set -e; for s in $(ZS_SEEDS); do for v in $(ZS_VARIANTS); do d=$(ZS_DIR)/$$v-s$$s; \
+	  if [ -f $$d/metrics.json ]; then echo "$$d: done"; continue; fi; mkdir -p $$d; echo "== $$d"; \
+	  $(BIN)/papermill nbs/experiments/zeroshot.ipynb $$d/zeroshot.ipynb --cwd . --log-output --no-progress-bar \
+	    -p variant $$v -p seed $$s -p out_dir $$d -p checkpoint $(DEMO_DIR)/checkpoint.pt $(ZS_ARGS) 2>&1 | grep -v "^\s*$$" | grep -E "zero-shot|mIoU|Error|error" || true; \
+	  test -f $$d/metrics.json || { echo "$$d failed: see $$d/zeroshot.ipynb"; exit 1; }; done; done
+	$(BIN)/python -c "from vilseg.zeroshot import zeroshot_table, plot_zeroshot_table; r, t = zeroshot_table('$(ZS_DIR)'); plot_zeroshot_table(t, '$(ZS_DIR)/table.png'); print(open('$(ZS_DIR)/table.md').read())"
 
 world: $(STAMP)
 	$(BIN)/vilseg world --out data/world --figure runs/world_samples.png

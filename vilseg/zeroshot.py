@@ -512,6 +512,7 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     n_train = min(cfg.train_images or len(sp['train']), len(sp['train']))
     if n_train // ws < cfg.batch_size:
         raise ValueError(f'batch_size = {cfg.batch_size}: {n_train} training images cannot fill one batch per process ({ws} processes)')
+    if cfg.finetune and ws > 1: raise ValueError('finetune: fine-tuning the backbone runs on one process (its gradients are not averaged under DDP)')
     out = Path(cfg.out_dir)
     if rank == 0: make_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
     if ws > 1: dist.barrier()
@@ -547,6 +548,7 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     text_all = backbone.text(names, templates)
     text = text_all[vocab]
     relations = text_relations(text)
+    set_seed(cfg.seed)                      # the decoder starts from the same weights in every variant of a seed
     decoder = MaskProposalDecoder(backbone.embed_dim, backbone.embed_dim, backbone.patch, cfg.proposal_config()).to(device)
     criterion = ProposalCriterion(cfg.loss_config(), background=cfg.background)
     groups = [{'params': list(decoder.parameters()), 'lr': cfg.lr}]

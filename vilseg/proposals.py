@@ -30,7 +30,7 @@ class ProposalConfig:
     upsample: int = 4                 # per-pixel embeddings at this multiple of the patch grid: 1, 2 or 4
     image_skip: bool = True           # the pixel decoder also sees a strided-convolution encoding of the image
     background: bool = False          # a learned background / no-object embedding in the class softmax (the baseline)
-    logit_scale: float = 100.0        # s: class logits are s * cos(query, text) (ZegFormer's fixed 100)
+    logit_scale: float = 100.0        # s: class logits are s * cos(query, text) (ZegFormer's fixed 100 for CLIP)
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f'ProposalConfig.{name} = {getattr(self, name)!r}: {why}')

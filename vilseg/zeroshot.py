@@ -378,7 +378,7 @@ class ZeroShotConfig:
     upsample: int = 4
     image_skip: bool = True
     background: bool | None = None    # the learned background embedding (None: the variant's; True without a variant)
-    logit_scale: float = 100.0
+    logit_scale: float = 0.0          # class logits' scale s; 0: the backbone's own learned scale (100 for OpenAI's CLIP)
     # losses (LossConfig)
     w_class: float = 2.0
     w_mask: float = 5.0
@@ -452,8 +452,11 @@ class ZeroShotConfig:
         if self.pseudo_threshold is not None and not 0 <= self.pseudo_threshold <= 1: bad('pseudo_threshold', 'must lie in [0, 1]')
         if self.preset not in ZS_SPLITS: bad('preset', f'must be one of {list(ZS_SPLITS)}')
 
-    def proposal_config(self) -> ProposalConfig:
-        return ProposalConfig(**{f.name: getattr(self, f.name) for f in fields(ProposalConfig)})
+    def proposal_config(self, backbone_scale: float = 100.0) -> ProposalConfig:
+        "The decoder's configuration; `logit_scale = 0` takes `backbone_scale`, the backbone's own."
+        kw = {f.name: getattr(self, f.name) for f in fields(ProposalConfig)}
+        if not kw['logit_scale']: kw['logit_scale'] = float(backbone_scale)
+        return ProposalConfig(**kw)
 
     def loss_config(self) -> LossConfig:
         return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
@@ -482,7 +485,7 @@ def load_zeroshot(checkpoint, backbone: Backbone | None = None, device='cpu'):
     cfg = ZeroShotConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(ZeroShotConfig)} and k != 'variant'})
     if backbone is None: backbone = Backbone(cfg.checkpoint, cfg.model, cfg.pretrained, cfg.dense, device)
     _check_width(backbone, ck['in_dim'], ck['embed_dim'], checkpoint)
-    dec = MaskProposalDecoder(ck['in_dim'], ck['embed_dim'], backbone.patch, cfg.proposal_config())
+    dec = MaskProposalDecoder(ck['in_dim'], ck['embed_dim'], backbone.patch, ProposalConfig(**ck['proposal']))
     dec.load_state_dict(ck['decoder']); dec.eval().to(device)
     return dec, backbone, cfg
 
@@ -549,7 +552,8 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     text = text_all[vocab]
     relations = text_relations(text)
     set_seed(cfg.seed)                      # the decoder starts from the same weights in every variant of a seed
-    decoder = MaskProposalDecoder(backbone.embed_dim, backbone.embed_dim, backbone.patch, cfg.proposal_config()).to(device)
+    pcfg = cfg.proposal_config(backbone_scale=float(backbone.clip.logit_scale.exp()))
+    decoder = MaskProposalDecoder(backbone.embed_dim, backbone.embed_dim, backbone.patch, pcfg).to(device)
     criterion = ProposalCriterion(cfg.loss_config(), background=cfg.background)
     groups = [{'params': list(decoder.parameters()), 'lr': cfg.lr}]
     if cfg.finetune: groups.append({'params': backbone.finetune(True), 'lr': cfg.backbone_lr})
@@ -578,7 +582,7 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     def save():
         if rank == 0:
             st = {'decoder': decoder.state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(), 'step': step,
-                  'rng': rng_state(), 'config': asdict(cfg), 'backbone': backbone.ident, 'in_dim': backbone.embed_dim,
+                  'rng': rng_state(), 'config': asdict(cfg), 'proposal': asdict(pcfg), 'backbone': backbone.ident, 'in_dim': backbone.embed_dim,
                   'embed_dim': backbone.embed_dim, 'class_names': [c[0] for c in names], 'vocab': vocab}
             if cfg.finetune: st['backbone_visual'] = backbone.clip.visual.state_dict()
             atomic_save(st, ck_path)
@@ -622,7 +626,7 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
         ev = evaluate_zeroshot(decoder, backbone, sp['val'], names, seen, unseen, bg, templates,
                                short_side=cfg.eval_size or sp['split'].eval_short_side, max_images=cfg.eval_images, progress=cfg.progress)
         result.update(ev)
-        result.update(variant=cfg.variant, preset=cfg.preset, seed=cfg.seed, seen_classes=[names[i][0] for i in seen],
+        result.update(variant=cfg.variant, preset=cfg.preset, seed=cfg.seed, logit_scale=pcfg.logit_scale, seen_classes=[names[i][0] for i in seen],
                       unseen_classes=[names[i][0] for i in unseen], final_loss=history[-1] if history else None,
                       pseudo_quality=quality if quality is not None else (json.loads((pseudo_dir / 'quality.json').read_text()) if pseudo_dir else None),
                       pseudo_dir=str(pseudo_dir) if pseudo_dir else None, backbone=backbone.ident,

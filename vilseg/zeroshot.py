@@ -23,14 +23,15 @@ from .encoders import image_features
 from .views import normalize
 from .metrics import ConfusionMatrix
 from .world import voc_palette
-from .proposals import (ProposalConfig, LossConfig, MaskProposalDecoder, ProposalCriterion, semantic_scores, text_relations)
+from .proposals import (ProposalConfig, LossConfig, MaskProposalDecoder, ProposalCriterion, semantic_scores, text_relations,
+                              upsample_masks)
 
 # %% auto #0
 __all__ = ['ZS_SPLITS', 'PSEUDO_PROTOCOLS', 'PSEUDO_DEFAULT_THRESHOLD', 'VARIANTS', 'ZS_RESUMABLE', 'TABLE_COLUMNS',
            'ZeroShotSplit', 'resolve_split', 'file_sha256', 'Backbone', 'ZeroShotData', 'feature_cache',
-           'pseudo_assign', 'pseudo_quality', 'make_pseudo_labels', 'zeroshot_scores', 'evaluate_zeroshot',
-           'ZeroShotConfig', 'load_zeroshot', 'train_zeroshot', 'zeroshot_table', 'plot_zeroshot_table',
-           'show_zeroshot']
+           'pseudo_assign', 'pseudo_quality', 'make_pseudo_labels', 'ensemble_probs', 'zeroshot_scores',
+           'evaluate_zeroshot', 'ZeroShotConfig', 'load_zeroshot', 'train_zeroshot', 'zeroshot_table',
+           'plot_zeroshot_table', 'show_zeroshot']
 
 # %% ../nbs/17_zeroshot.ipynb #c005
 @dataclass(frozen=True)
@@ -302,21 +303,46 @@ def make_pseudo_labels(source: Backbone, ds, class_names, seen, unseen, bg_index
     return q
 
 # %% ../nbs/17_zeroshot.ipynb #c017
-@torch.no_grad()
-def zeroshot_scores(decoder, backbone: Backbone, images: torch.Tensor, text: torch.Tensor, out_size=None) -> torch.Tensor:
-    "`B x C x H x W` class scores of uint8 `images` with the decoder and the (frozen) backbone."
-    x = normalize(images.to(backbone.device))
-    o = decoder(backbone.features(x), x, text)
-    H, W = images.shape[-2:]
-    S = semantic_scores(o, decoder.cfg.background, size=(H, W))
-    return S if out_size is None or tuple(out_size) == (H, W) else F.interpolate(S, size=tuple(out_size), mode='bilinear', align_corners=False)
+def ensemble_probs(out: dict, feats: torch.Tensor, text: torch.Tensor, background: bool, scale: float, weights: torch.Tensor) -> torch.Tensor:
+    """`B x N x C` class probabilities of each query: the decoder's (softmax; the background column dropped) times the
+    frozen backbone's mask-pooled ones, geometrically weighted per class by `weights` (`C`, in [0, 1])."""
+    p_dec = out['logits'].float().softmax(-1)
+    if background: p_dec = p_dec[..., :-1]
+    h, w = feats.shape[1:3]
+    m = F.adaptive_avg_pool2d(out['masks'].float().sigmoid(), (h, w)).flatten(2)            # B N hw
+    z = F.normalize(feats.float(), dim=-1).flatten(1, 2)                                    # B hw D
+    pooled = F.normalize(torch.einsum('bnp,bpd->bnd', m, z) / m.sum(-1, keepdim=True).clamp(min=1e-6), dim=-1)
+    p_bb = (scale * pooled @ text.T).softmax(-1)
+    return p_dec.clamp(min=1e-12) ** (1 - weights) * p_bb.clamp(min=1e-12) ** weights
 
 @torch.no_grad()
+def zeroshot_scores(decoder, backbone: Backbone, images: torch.Tensor, text: torch.Tensor, out_size=None,
+                    ensemble_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`B x C x H x W` class scores of uint8 `images` with the decoder and the (frozen) backbone; with `ensemble_weights`
+    (`C`), the class probabilities ensembled with the backbone's mask-pooled ones (`ensemble_probs`)."""
+    x = normalize(images.to(backbone.device))
+    f = backbone.features(x)
+    o = decoder(f, x, text)
+    H, W = images.shape[-2:]
+    if ensemble_weights is None: S = semantic_scores(o, decoder.cfg.background, size=(H, W))
+    else:
+        p = ensemble_probs(o, f, text, decoder.cfg.background, float(backbone.clip.logit_scale.exp()), ensemble_weights.to(x.device))
+        S = torch.einsum('bnc,bnhw->bchw', p, upsample_masks(o['masks'], (H, W)).float().sigmoid())
+    return S if out_size is None or tuple(out_size) == (H, W) else F.interpolate(S, size=tuple(out_size), mode='bilinear', align_corners=False)
+
+# %% ../nbs/17_zeroshot.ipynb #c020
+@torch.no_grad()
 def evaluate_zeroshot(decoder, backbone: Backbone, ds, class_names, seen, unseen, bg_index=None, templates=None,
-                      short_side: int | None = None, max_images: int = 0, batch_size: int = 32, progress: bool = True) -> dict:
-    "Zero-shot metrics of `decoder` on `ds` (see above)."
+                      short_side: int | None = None, max_images: int = 0, batch_size: int = 32, progress: bool = True,
+                      ensemble: tuple | None = None, train_classes=None) -> dict:
+    """Zero-shot metrics of `decoder` on `ds` (see above). `ensemble=(alpha, beta)`: the read-out ensembled with the
+    backbone's mask-pooled classes, weight alpha on `train_classes` (default: `seen`) and beta on the others."""
     was = decoder.training; decoder.eval()
     text = backbone.text(class_names, templates)
+    wts = None
+    if ensemble is not None:
+        tc = set(seen if train_classes is None else train_classes)
+        wts = torch.tensor([ensemble[0] if c in tc else ensemble[1] for c in range(len(class_names))])
     C = len(class_names); cm = ConfusionMatrix(C, seen=seen, unseen=unseen)
     n = len(ds) if not max_images else min(max_images, len(ds))
     bar = tqdm(total=n, desc='eval zero-shot', unit='img', disable=not progress, leave=False)
@@ -327,7 +353,7 @@ def evaluate_zeroshot(decoder, backbone: Backbone, ds, class_names, seen, unseen
         for g in groups:
             x = torch.stack([it['image'] for it in g]); size = x.shape[-2:]
             if short_side: x = TF.resize(x, short_side, antialias=True)
-            S = zeroshot_scores(decoder, backbone, x, text, out_size=size)
+            S = zeroshot_scores(decoder, backbone, x, text, out_size=size, ensemble_weights=wts)
             for sc, it in zip(S, g): cm.update(sc.argmax(0).cpu(), it['label'])
         bar.update(len(items))
     bar.close(); decoder.train(was)
@@ -343,7 +369,7 @@ def evaluate_zeroshot(decoder, backbone: Backbone, ds, class_names, seen, unseen
                n_images=n, seconds=round(time.perf_counter() - t0, 2))
     return out
 
-# %% ../nbs/17_zeroshot.ipynb #c019
+# %% ../nbs/17_zeroshot.ipynb #c022
 VARIANTS = {
     'baseline': dict(background=True, rank='none', pseudo='none'),
     'no_bg': dict(background=False, rank='none', pseudo='none'),
@@ -404,6 +430,8 @@ class ZeroShotConfig:
     eval_size: int = 0                # evaluation short side (0: the split's; the world's is the native size)
     train_images: int = 0             # 0: the whole train split
     eval_images: int = 0              # 0: the whole val split
+    ensemble_seen: float = 0.4        # the second read-out: weight of the backbone's classes on the training classes (FC-CLIP's alpha)
+    ensemble_unseen: float = 0.8      # ... and on the others (FC-CLIP's beta)
     templates: str | None = None      # default: the split's
     cache_dir: str = 'runs/zeroshot_cache'
     # optimisation
@@ -450,6 +478,8 @@ class ZeroShotConfig:
         if not 0 <= self.min_lr_ratio <= 1: bad('min_lr_ratio', 'must lie in [0, 1]')
         if self.weight_decay < 0 or self.grad_clip < 0: bad('weight_decay' if self.weight_decay < 0 else 'grad_clip', 'must be >= 0')
         if self.pseudo_threshold is not None and not 0 <= self.pseudo_threshold <= 1: bad('pseudo_threshold', 'must lie in [0, 1]')
+        for f in ('ensemble_seen', 'ensemble_unseen'):
+            if not 0 <= getattr(self, f) <= 1: bad(f, 'must lie in [0, 1]')
         if self.preset not in ZS_SPLITS: bad('preset', f'must be one of {list(ZS_SPLITS)}')
 
     def proposal_config(self, backbone_scale: float = 100.0) -> ProposalConfig:
@@ -461,9 +491,10 @@ class ZeroShotConfig:
     def loss_config(self) -> LossConfig:
         return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
 
-# %% ../nbs/17_zeroshot.ipynb #c021
+# %% ../nbs/17_zeroshot.ipynb #c024
 # settings that may differ between a run and its resumption; any other change is refused
-ZS_RESUMABLE = {'resume', 'stop_at', 'progress', 'overwrite', 'device', 'log_every', 'ckpt_every', 'out_dir', 'eval_images', 'eval_size', 'cache_dir'}
+ZS_RESUMABLE = {'resume', 'stop_at', 'progress', 'overwrite', 'device', 'log_every', 'ckpt_every', 'out_dir', 'eval_images', 'eval_size', 'cache_dir',
+                'ensemble_seen', 'ensemble_unseen'}
 
 def _dist_env():
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1:
@@ -495,7 +526,7 @@ def _check_width(backbone: Backbone, in_dim: int, embed_dim: int, where):
                                      f'this backbone ({backbone.ident.get("checkpoint") or backbone.ident.get("model")}) gives '
                                      f'{backbone.embed_dim}-d: another embedding width')
 
-# %% ../nbs/17_zeroshot.ipynb #c022
+# %% ../nbs/17_zeroshot.ipynb #c025
 def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     "Train the mask-proposal decoder on a zero-shot split and evaluate it; returns (and writes) `metrics.json`."
     from vilseg.train import ResumableBatchSampler, lr_lambda
@@ -626,6 +657,10 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
         ev = evaluate_zeroshot(decoder, backbone, sp['val'], names, seen, unseen, bg, templates,
                                short_side=cfg.eval_size or sp['split'].eval_short_side, max_images=cfg.eval_images, progress=cfg.progress)
         result.update(ev)
+        ens = evaluate_zeroshot(decoder, backbone, sp['val'], names, seen, unseen, bg, templates,
+                                short_side=cfg.eval_size or sp['split'].eval_short_side, max_images=cfg.eval_images, progress=cfg.progress,
+                                ensemble=(cfg.ensemble_seen, cfg.ensemble_unseen))
+        result['ensemble'] = dict({k: v for k, v in ens.items() if k != 'iou'}, alpha=cfg.ensemble_seen, beta=cfg.ensemble_unseen, iou=ens['iou'])
         result.update(variant=cfg.variant, preset=cfg.preset, seed=cfg.seed, logit_scale=pcfg.logit_scale, seen_classes=[names[i][0] for i in seen],
                       unseen_classes=[names[i][0] for i in unseen], final_loss=history[-1] if history else None,
                       pseudo_quality=quality if quality is not None else (json.loads((pseudo_dir / 'quality.json').read_text()) if pseudo_dir else None),
@@ -637,9 +672,9 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     if ws > 1: dist.barrier()
     return result
 
-# %% ../nbs/17_zeroshot.ipynb #c024
+# %% ../nbs/17_zeroshot.ipynb #c027
 TABLE_COLUMNS = ['miou_seen', 'miou_unseen', 'hiou', 'unseen_as_background', 'unseen_as_seen', 'unseen_pixel_acc',
-                 'pseudo_precision', 'pseudo_recall', 'train_seconds', 'total_seconds']
+                 'pseudo_precision', 'pseudo_recall', 'ens_miou_seen', 'ens_miou_unseen', 'ens_hiou', 'train_seconds', 'total_seconds']
 
 def zeroshot_table(runs_dir, out_dir=None):
     """`(per_run, per_variant)` DataFrames from `runs_dir/*/metrics.json`; written as table_runs.csv, table.csv and
@@ -651,9 +686,11 @@ def zeroshot_table(runs_dir, out_dir=None):
         r = json.loads(m.read_text())
         if 'miou_unseen' not in r: continue
         q = r.get('pseudo_quality') or {}
+        e = r.get('ensemble') or {}
         rows.append(dict(run=m.parent.name, variant=r.get('variant') or m.parent.name, seed=r.get('seed'),
-                         **{k: r.get(k) for k in TABLE_COLUMNS if not k.startswith('pseudo_')},
-                         pseudo_precision=q.get('precision'), pseudo_recall=q.get('recall')))
+                         **{k: r.get(k) for k in TABLE_COLUMNS if not k.startswith(('pseudo_', 'ens_'))},
+                         pseudo_precision=q.get('precision'), pseudo_recall=q.get('recall'),
+                         **{f'ens_{k}': e.get(k) for k in ('miou_seen', 'miou_unseen', 'hiou')}))
     if not rows: raise FileNotFoundError(f'no zero-shot metrics.json under {runs_dir}')
     runs = pd.DataFrame(rows)[['run', 'variant', 'seed'] + TABLE_COLUMNS]
     g = runs.groupby('variant', sort=False)
@@ -666,12 +703,12 @@ def zeroshot_table(runs_dir, out_dir=None):
     for name, df in (('table_runs.csv', runs), ('table.csv', table)):
         buf = io.StringIO(); df.to_csv(buf, index=False); atomic_write_text(out / name, buf.getvalue())
     def cell(v, s): return '–' if v != v or v is None else (f'{v:.3f} ± {s:.3f}' if s == s and s else f'{v:.3f}')
-    lines = ['| variant | seeds | mIoU-S | mIoU-U | hIoU | unseen → background | unseen → seen | pseudo precision / recall | train s |',
-             '|---|---|---|---|---|---|---|---|---|']
+    lines = ['| variant | seeds | mIoU-S | mIoU-U | hIoU | unseen → background | unseen → seen | pseudo precision / recall '
+             '| ensemble mIoU-S | ensemble mIoU-U | ensemble hIoU | train s |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for _, t in table.iterrows():
         pr = '–' if t['pseudo_precision'] != t['pseudo_precision'] else f"{t['pseudo_precision']:.2f} / {t['pseudo_recall']:.2f}"
         lines.append(f"| {t['variant']} | {t['seeds']} | " + ' | '.join(cell(t[k], t[k + '_std']) for k in TABLE_COLUMNS[:5]) +
-                     f" | {pr} | {t['train_seconds']:.0f} |")
+                     f" | {pr} | " + ' | '.join(cell(t[k], t[k + '_std']) for k in TABLE_COLUMNS[8:11]) + f" | {t['train_seconds']:.0f} |")
     atomic_write_text(out / 'table.md', '\n'.join(lines) + '\n')
     return runs, table
 

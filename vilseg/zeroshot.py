@@ -606,6 +606,8 @@ def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
         if rank == 0 and (out / 'metrics.jsonl').exists():
             keep = [l for l in (out / 'metrics.jsonl').read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= step]
             atomic_write_text(out / 'metrics.jsonl', ''.join(l + '\n' for l in keep))
+    elif rank == 0 and (out / 'metrics.jsonl').exists():   # resumed before its first checkpoint: the run starts over
+        (out / 'metrics.jsonl').unlink()
     if rank == 0: atomic_write_json(out / 'config.json', asdict(cfg))
     ddp = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[device.index] if device.type == 'cuda' else None) if ws > 1 else decoder
     sampler = ResumableBatchSampler(len(data), cfg.batch_size, cfg.seed, rank, ws)

@@ -1,0 +1,437 @@
+"""The wiring of evaluation and training, each against an expectation computed independently in the test (issue 26).
+
+Every test here was checked against a plausible single-line bug put into a copy of the package (see the report of
+issue 26 and `tests/mutants/`): sliding-window placement and stitching, background-threshold calibration, seen/unseen
+through `evaluate()` and `run_protocol()`, the correspondence between the two views fed to the clustering loss, the
+stop-gradient of the vision-contrast targets, the EMA teacher, the counting of skipped samples during training,
+atomic writes under a crash, the resumed RNG state, the confusion matrix reduced over a 2-process gloo group, and
+one cheap learning test.
+"""
+import json, math, os, random, shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+from vilseg.evaluate import evaluate, calibrate_threshold, slide_scores
+
+
+# ------------------------------------------------------------------------------------------------ hand references
+def hand_iou(pred: np.ndarray, lab: np.ndarray, C: int, ignore: int = 255) -> np.ndarray:
+    "Per-class IoU = TP / (TP + FP + FN) over pixels whose label is not `ignore`; NaN where the union is empty."
+    keep = lab != ignore
+    p, l = pred[keep], lab[keep]
+    out = np.full(C, np.nan)
+    for c in range(C):
+        tp = np.sum((p == c) & (l == c)); union = np.sum((p == c) | (l == c))
+        if union: out[c] = tp / union
+    return out
+
+
+def nanmean(x):
+    x = np.asarray(x, float); x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float('nan')
+
+
+class Items:
+    "A dense-label split held in memory: items with uint8 `image` (3xHxW) and long `label` (HxW)."
+    def __init__(self, images, labels, class_names):
+        self.images, self.labels, self.class_names = images, labels, class_names
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i): return dict(image=self.images[i], label=self.labels[i])
+
+
+# ------------------------------------------------------------------------------------------------ sliding windows
+def f_abs(k, x, y, H, W):
+    "The position-dependent part of the smooth oracle's score of foreground class k (never saturates)."
+    return (0.25 + 0.5 * x / (W - 1) - 0.1 * y / (H - 1)) if k == 0 else (0.75 - 0.5 * x / (W - 1) + 0.2 * y / (H - 1))
+
+
+def f_loc(k, i, j, h, w):
+    "The part that depends on the pixel's place inside the window: overlapping windows disagree."
+    return (0.15 * j / max(w - 1, 1) - 0.1 * i / max(h - 1, 1)) if k == 0 else (-0.15 * j / max(w - 1, 1) + 0.12 * i / max(h - 1, 1))
+
+
+class CoordOracle(torch.nn.Module):
+    """Reads each pixel's absolute (x, y) from channels 0 and 1 of the uint8 image and scores the two foreground
+    classes f_abs + f_loc (smooth, about 0.1-1.0); records the window (y0, x0, h, w) of each call."""
+    def __init__(self, H, W):
+        super().__init__(); self.H, self.W, self.calls = H, W, []
+        self.clip = SimpleNamespace(logit_scale=torch.tensor(math.log(10.0)))
+
+    def scores(self, images, class_names, **kw):
+        assert images.dtype == torch.uint8 and len(class_names) == 2
+        x, y = images[:, 0].double(), images[:, 1].double()
+        h, w = images.shape[-2:]
+        i = torch.arange(h, dtype=torch.float64).view(h, 1).expand(h, w)
+        j = torch.arange(w, dtype=torch.float64).view(1, w).expand(h, w)
+        self.calls.append((int(images[0, 1, 0, 0]), int(images[0, 0, 0, 0]), h, w))
+        return torch.stack([f_abs(k, x, y, self.H, self.W) + f_loc(k, i, j, h, w) for k in range(2)], 1).float()
+
+
+def coord_image(H, W):
+    img = torch.zeros(3, H, W, dtype=torch.uint8)
+    img[0] = torch.arange(W).view(1, W); img[1] = torch.arange(H).view(H, 1); img[2] = 7
+    return img
+
+
+def hand_slide(H, W, windows, wh, ww):
+    "Average, over the hand-placed windows covering each pixel, of the oracle's scores in that window."
+    acc, cnt = np.zeros((2, H, W)), np.zeros((H, W))
+    for y0, x0 in windows:
+        for i in range(wh):
+            for j in range(ww):
+                for k in range(2): acc[k, y0 + i, x0 + j] += f_abs(k, x0 + j, y0 + i, H, W) + f_loc(k, i, j, wh, ww)
+                cnt[y0 + i, x0 + j] += 1
+    assert cnt.min() >= 1
+    return acc / cnt
+
+
+# window 12, stride 5: origins every 5 pixels, and a last window flush with the far edge when the grid falls short
+#   H=20: 0, 5 (5+12=17 < 20) -> 8 ; W=27: 0, 5, 10, 15 (15+12=27, flush already) ; H=10 < 12: one window of height 10
+SLIDE_CASES = {(20, 27): ([0, 5, 8], [0, 5, 10, 15], 12, 12), (10, 27): ([0], [0, 5, 10, 15], 10, 12)}
+
+
+@pytest.mark.parametrize('hw', sorted(SLIDE_CASES))
+def test_slide_scores_places_windows_and_averages_overlaps(hw):
+    """`slide_scores` against hand-placed windows and the hand-computed per-pixel mean over the windows covering
+    each pixel (mmseg's `slide_inference`: sum of the window logits / count of windows)."""
+    H, W = hw
+    ys, xs, wh, ww = SLIDE_CASES[hw]
+    m = CoordOracle(H, W)
+    img = coord_image(H, W)
+    S = slide_scores(m, torch.stack([img, img]), [['a'], ['b']], window=12, stride=5)
+    assert sorted(set(m.calls)) == sorted((y, x, wh, ww) for y in ys for x in xs) and len(m.calls) == len(ys) * len(xs)
+    want = hand_slide(H, W, [(y, x) for y in ys for x in xs], wh, ww)
+    assert S.shape == (2, 2, H, W)
+    np.testing.assert_allclose(S[0].numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(S[1].numpy(), want, atol=1e-5)
+
+
+def test_evaluate_sliding_window_threshold_sweep_matches_hand_average():
+    """`evaluate(window=12, stride=5)` with a cosine background threshold: the predicted map is the argmax of the
+    hand-averaged foreground scores, background where the best one is below the threshold; per-class IoU and the
+    sweep's mIoU against `hand_iou` on that map (mmseg's IoU = TP/(TP+FP+FN), NaN classes left out of the mean)."""
+    H, W = 20, 27
+    ys, xs, wh, ww = SLIDE_CASES[(H, W)]
+    avg = hand_slide(H, W, [(y, x) for y in ys for x in xs], wh, ww)
+    best, arg = avg.max(0), avg.argmax(0) + 1
+
+    def pred_at(t): return np.where(best < t, 0, arg)
+
+    lab = pred_at(0.62).copy()                                  # the truth: the averaged map at 0.62, with some noise
+    lab[3, :6] = 1; lab[15, 20:] = 2; lab[:, 26] = 255
+    ds = Items([coord_image(H, W)] * 2, [torch.as_tensor(lab)] * 2, [['background'], ['a'], ['b']])
+    ths = [0.5, 0.62, 0.7]
+    r = evaluate(CoordOracle(H, W), ds, bg_index=0, bg_threshold=0.62, thresholds=ths, window=12, stride=5,
+                 batch_size=2, progress=False)
+    want = {t: hand_iou(np.concatenate([pred_at(t)] * 2), np.concatenate([lab] * 2), 3) for t in ths}
+    np.testing.assert_allclose(r['iou'], want[0.62], atol=1e-12)
+    assert r['sweep'].keys() == set(ths)
+    for t in ths: assert r['sweep'][t] == pytest.approx(nanmean(want[t]), abs=1e-12), t
+    assert len({round(nanmean(w), 6) for w in want.values()}) == 3, 'the sweep must tell the thresholds apart'
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+class PositionOracle(torch.nn.Module):
+    "Whole-image scores from the pixel position only: a fixed smooth function per class (no window, any content)."
+    def __init__(self, fn, logit_scale=10.0):
+        super().__init__(); self.fn = fn
+        self.clip = SimpleNamespace(logit_scale=torch.tensor(math.log(logit_scale)))
+
+    def scores(self, images, class_names, **kw):
+        B, _, H, W = images.shape
+        yy, xx = np.mgrid[0:H, 0:W]
+        s = np.stack([self.fn(k, yy, xx, H, W) for k in range(len(class_names))])
+        return torch.as_tensor(s, dtype=torch.float32)[None].expand(B, -1, -1, -1).clone()
+
+
+def smooth3(k, yy, xx, H, W):
+    "Three foreground scores spread over roughly -0.1..0.9 across the image."
+    u, v = xx / (W - 1), yy / (H - 1)
+    return [0.8 * u * (1 - 0.5 * v) + 0.0173, 0.7 * (1 - u) * v + 0.1131, 0.9 * np.sin(np.pi * u) * np.sin(np.pi * v) - 0.1071][k]
+
+
+def hand_pred(fn, H, W, C_fg, t, bg_score='cosine', scale=1.0):
+    "argmax over the foreground scores (+1: class 0 is background); background where the best cosine (or softmax prob at `scale`) < t."
+    yy, xx = np.mgrid[0:H, 0:W]
+    s = np.stack([fn(k, yy, xx, H, W) for k in range(C_fg)]).astype(np.float32).astype(np.float64)
+    if bg_score == 'prob':
+        e = np.exp(scale * s - (scale * s).max(0)); s = e / e.sum(0)
+    assert np.abs(s.max(0) - t).min() > 1e-6, 'no score on the threshold itself (float32 vs float64 comparison)'
+    return np.where(s.max(0) < t, 0, s.argmax(0) + 1)
+
+
+@pytest.mark.parametrize('bg_score', ['cosine', 'prob'])
+def test_calibrate_threshold_on_known_sweep(bg_score):
+    """`calibrate_threshold` returns the threshold of the largest mIoU of a sweep, each entry of which is the hand
+    mIoU of the map thresholded at t (cosine score, or the softmax over foreground classes at `prob_scale`, as
+    MaskCLIP/SCLIP evaluate)."""
+    H, W = 18, 22
+    names = [['background'], ['a'], ['b'], ['c']]
+    ths = [0.103, 0.253, 0.403, 0.553, 0.703] if bg_score == 'cosine' else [0.343, 0.453, 0.553, 0.653, 0.803]
+    t_true = ths[2]
+    lab = hand_pred(smooth3, H, W, 3, t_true, bg_score, 10.0)
+    assert len(np.unique(lab)) == 4
+    lab2 = lab.copy(); lab2[::3, ::4] = 255; lab2[5, :] = 2            # a second image: some ignored pixels and noise
+    ds = Items([torch.zeros(3, H, W, dtype=torch.uint8)] * 2, [torch.as_tensor(lab), torch.as_tensor(lab2)], names)
+    best, sweep = calibrate_threshold(PositionOracle(smooth3), ds, thresholds=ths, bg_score=bg_score, prob_scale=10.0,
+                                      progress=False)
+    # the sweep also holds evaluate's default bg_threshold 0.0 (see test_calibrate_threshold_picks_from_given_thresholds)
+    want = {t: nanmean(hand_iou(np.concatenate([hand_pred(smooth3, H, W, 3, t, bg_score, 10.0)] * 2),
+                                np.concatenate([lab, lab2]), 4)) for t in ths + [0.0]}
+    assert set(sweep) == set(want)
+    for t in want: assert sweep[t] == pytest.approx(want[t], abs=1e-9), (t, sweep, want)
+    assert best == max(want, key=want.get) == t_true
+    assert sorted(want.values())[-1] - sorted(want.values())[-2] > 0.02, 'a clear winner'
+    # the model's own logit scale when prob_scale is None (here 10, the oracle's): the same sweep
+    if bg_score == 'prob':
+        assert calibrate_threshold(PositionOracle(smooth3), ds, thresholds=ths, bg_score='prob', progress=False) == (best, sweep)
+
+
+# ------------------------------------------------------------------------------------------------ seen / unseen
+SEEN, UNSEEN = [1, 2], [3]
+
+
+def _seen_unseen_expect(labs, preds):
+    iou = hand_iou(np.concatenate(preds), np.concatenate(labs), 4)
+    s, u = nanmean(iou[SEEN]), nanmean(iou[UNSEEN])
+    return iou, s, u, 2 * s * u / (s + u)                    # hIoU: harmonic mean of seen and unseen mIoU
+
+
+def test_evaluate_seen_unseen_hand_case():
+    """Seen/unseen mIoU and hIoU = 2SU/(S+U) (the zero-shot segmentation convention) through `evaluate()`, against
+    the hand per-class IoU of the hand-predicted map."""
+    H, W = 18, 22
+    pred = hand_pred(smooth3, H, W, 3, 0.4)
+    lab = pred.copy(); xx = np.arange(W)[None].repeat(H, 0)
+    lab[(pred == 3) & (xx % 2 == 0)] = 0; lab[0] = 255       # the unseen class half wrong, the seen ones right
+    ds = Items([torch.zeros(3, H, W, dtype=torch.uint8)], [torch.as_tensor(lab)], [['background'], ['a'], ['b'], ['c']])
+    r = evaluate(PositionOracle(smooth3), ds, bg_index=0, bg_threshold=0.4, seen=SEEN, unseen=UNSEEN, progress=False)
+    iou, s, u, h = _seen_unseen_expect([lab], [pred])
+    assert abs(s - u) > 0.1, 'seen and unseen differ, so a swap shows'
+    np.testing.assert_allclose(r['iou'], iou, atol=1e-12)
+    assert (r['miou_seen'], r['miou_unseen'], r['hiou']) == pytest.approx((s, u, h), abs=1e-12)
+    assert 'miou_seen' not in evaluate(PositionOracle(smooth3), ds, bg_index=0, bg_threshold=0.4, progress=False)
+
+
+def test_run_protocol_seen_unseen_on_world_folder(tmp_path):
+    """`run_protocol('world', seen=, unseen=)` on a VOC-layout folder written by hand: the world preset's cosine
+    threshold 0.3 on whole images; seen/unseen mIoU and hIoU against the hand computation."""
+    from vilseg.protocols import run_protocol
+    H, W = 18, 22
+    root = tmp_path / 'w'
+    for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
+    (root / 'class_names.txt').write_text('background\na\nb\nc\n')
+    pred = hand_pred(smooth3, H, W, 3, 0.3)                  # the preset's threshold
+    labs = []
+    for n, key in enumerate(['x0', 'x1']):
+        lab = pred.copy(); yy = np.arange(H)[:, None].repeat(W, 1)
+        lab[(pred == 3) & (yy % (2 + n) == 0)] = n; lab[1] = 255      # the unseen class partly wrong
+        Image.new('RGB', (W, H), (90, 90, 90)).save(root / 'JPEGImages' / f'{key}.jpg')
+        Image.fromarray(lab.astype(np.uint8), mode='L').save(root / 'SegmentationClass' / f'{key}.png')
+        labs.append(lab)
+    (root / 'ImageSets' / 'Segmentation' / 'val.txt').write_text('x0\nx1\n')
+    r = run_protocol(PositionOracle(smooth3), 'world', root, progress=False, seen=SEEN, unseen=UNSEEN)
+    iou, s, u, h = _seen_unseen_expect(labs, [pred, pred])
+    assert abs(s - u) > 0.1
+    np.testing.assert_allclose(r['iou'], iou, atol=1e-12)
+    assert (r['miou_seen'], r['miou_unseen'], r['hiou']) == pytest.approx((s, u, h), abs=1e-12)
+    assert r['bg_threshold'] == 0.3 and r['n_images'] == 2
+
+
+# ------------------------------------------------------------------------------------------------ confusion matrix, 2 processes
+def _cm_worker(rank, world, init_file, preds, labs, out):
+    from vilseg.metrics import ConfusionMatrix
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    cm = ConfusionMatrix(4).update(preds[rank], labs[rank]).all_reduce()
+    out[rank, :16] = cm.mat.reshape(-1); out[rank, 16:] = cm.invalid
+    dist.destroy_process_group()
+
+
+def test_confusion_matrix_all_reduce_two_process_gloo(tmp_path):
+    """`ConfusionMatrix.all_reduce()` in a real 2-process gloo group: each rank ends with the counts of both ranks'
+    pixels, mat[g, p] = #(label g, prediction p), and `invalid[g]` = #(label g, prediction outside [0, C))."""
+    g = torch.Generator().manual_seed(0)
+    labs = torch.randint(0, 4, (2, 9, 7), generator=g); labs[:, 0, :3] = 255
+    preds = torch.randint(0, 4, (2, 9, 7), generator=g); preds[0, 2, :2] = 4; preds[1, 5, 5] = -1; preds[1, 6, :3] = 9
+    out = torch.zeros(2, 20, dtype=torch.int64).share_memory_()
+    mp.spawn(_cm_worker, args=(2, str(tmp_path / 'init'), preds, labs, out), nprocs=2, join=True)
+    mat, inv = np.zeros((4, 4), np.int64), np.zeros(4, np.int64)
+    for l, p in zip(labs.flatten().tolist(), preds.flatten().tolist()):
+        if l == 255: continue
+        if 0 <= p < 4: mat[l, p] += 1
+        else: inv[l] += 1
+    assert inv.sum() == 6 and mat.sum() + inv.sum() == 2 * 9 * 7 - 6
+    for rank in range(2):
+        np.testing.assert_array_equal(out[rank, :16].view(4, 4).numpy(), mat)
+        np.testing.assert_array_equal(out[rank, 16:].numpy(), inv)
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes, RNG state
+class Crash(BaseException):
+    "A crash that is not an Exception (as KeyboardInterrupt or SystemExit)."
+
+
+@pytest.mark.parametrize('exc', [OSError, Crash])
+@pytest.mark.parametrize('which', ['text', 'json', 'save'])
+def test_atomic_write_crash_midway_leaves_old_file(tmp_path, monkeypatch, which, exc):
+    """A crash in the middle of writing (half the bytes written, then an error) leaves the old file byte for byte
+    and no other file in the folder (the temporary file is removed): write to a temporary file, fsync, `os.replace`."""
+    import vilseg.core as core
+    path = tmp_path / 'target.bin'
+    old = b'old content \x00\x01 that must survive\n' * 50
+    path.write_bytes(old)
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *a): self.f.close()
+        def write(self, data):
+            self.f.write(data[:len(data) // 2]); self.f.flush(); raise exc('crash mid-write')
+        def __getattr__(self, k): return getattr(self.f, k)
+
+    monkeypatch.setattr(core.os, 'fdopen', lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    payload = {'a': list(range(2000))}
+    with pytest.raises(exc):
+        if which == 'text': core.atomic_write_text(path, 'new ' * 5000)
+        elif which == 'json': core.atomic_write_json(path, payload)
+        else: core.atomic_save({'w': torch.arange(5000.)}, path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['target.bin']
+    monkeypatch.undo()
+    if which == 'save':                 # and the write goes through when nothing crashes
+        core.atomic_save({'w': torch.arange(5000.)}, path)
+        assert torch.equal(core.load_checkpoint(path)['w'], torch.arange(5000.))
+
+
+def test_rng_state_round_trip_through_checkpoint(tmp_path):
+    """`rng_state()` saved by `atomic_save` and restored by `load_checkpoint` + `set_rng_state` continues python's,
+    numpy's and torch's generators exactly where they were (the draws after restoring equal those made right after
+    the state was taken, and differ from a fresh seed's)."""
+    from vilseg.core import rng_state, set_rng_state, atomic_save, load_checkpoint, set_seed
+    set_seed(123); random.random(); np.random.rand(3); torch.rand(3)     # somewhere in the middle of the streams
+    atomic_save({'rng': rng_state()}, tmp_path / 'ck.pt')
+    def draws(): return (random.random(), np.random.rand(4).tolist(), torch.rand(4).tolist(), random.getrandbits(64))
+    want = draws()
+    set_seed(123)
+    assert draws() != want
+    set_rng_state(load_checkpoint(tmp_path / 'ck.pt')['rng'])
+    assert draws() == want
+
+
+# ------------------------------------------------------------------------------------------------ model: stop-gradient, EMA
+def micro(**kw):
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    torch.manual_seed(0)
+    return ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, **kw))
+
+
+def hand_infonce(q, k, temperature):
+    "mean_i -log softmax_j(q_i . k_j / T)[target(i)], where row i of q belongs to key target(i) = i // (len(q)/len(k))."
+    m = q.shape[0] // k.shape[0]
+    logits = q @ k.T / temperature
+    tgt = torch.arange(k.shape[0]).repeat_interleave(m)
+    return -(logits - logits.logsumexp(1, keepdim=True))[torch.arange(q.shape[0]), tgt].mean()
+
+
+def test_vision_contrast_target_gets_no_gradient():
+    """`vision_contrast_loss(local, target)`: InfoNCE of each crop against the batch's global embeddings, the targets
+    a stop-gradient: after backward `target.grad` is None and `local.grad` is that of the hand InfoNCE."""
+    from vilseg.losses import vision_contrast_loss
+    torch.manual_seed(0)
+    loc = F.normalize(torch.randn(5, 3, 8), dim=-1).requires_grad_()
+    tgt = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_()
+    loss = vision_contrast_loss(loc, tgt, 0.2)
+    loss.backward()
+    assert tgt.grad is None
+    loc2 = loc.detach().clone().requires_grad_()
+    ref = hand_infonce(loc2.reshape(15, 8), tgt.detach(), 0.2)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), abs=1e-5)
+    assert torch.allclose(loc.grad, loc2.grad, atol=1e-6)
+
+
+def _batch(B=4, m=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {'global': torch.randn(B, 3, 32, 32, generator=g), 'local': torch.randn(B, m, 3, 16, 16, generator=g),
+            'caption': ['a red star', 'two blue rings', 'a green box and a tree', 'a yellow heart'][:B]}
+
+
+def _hand_losses(model, batch, tgt_visual=None, lambda_vision=1.0, T=0.1):
+    """cross (symmetric InfoNCE, CLIP) + lambda_vision * vision (hand InfoNCE of the local crops against the global
+    embeddings, detached, or the teacher's), built from the encoder outputs alone."""
+    from vilseg.encoders import image_features, encode_text
+    clip = model.clip
+    img = F.normalize(image_features(clip, batch['global'], dense='none')['global'], dim=-1)
+    txt = encode_text(clip, model.tokenizer(batch['caption']), normalize=True)
+    logits = clip.logit_scale.exp() * img @ txt.T
+    cross = (hand_infonce(img * clip.logit_scale.exp(), txt, 1.0) + hand_infonce(txt * clip.logit_scale.exp(), img, 1.0)) / 2
+    assert torch.allclose(cross, (F.cross_entropy(logits, torch.arange(len(img))) + F.cross_entropy(logits.T, torch.arange(len(img)))) / 2)
+    B, m = batch['local'].shape[:2]
+    loc = F.normalize(image_features(clip, batch['local'].flatten(0, 1), dense='none')['global'], dim=-1)
+    if tgt_visual is None: tgt = img.detach()
+    else:
+        with torch.no_grad():
+            student = clip.visual; clip.visual = tgt_visual
+            try: tgt = F.normalize(image_features(clip, batch['global'], dense='none')['global'], dim=-1)
+            finally: clip.visual = student
+    vision = hand_infonce(loc, tgt, T)
+    return cross, vision, cross + lambda_vision * vision
+
+
+def test_forward_vision_term_stops_gradient_at_targets():
+    """The training forward (lambda_cluster=0): its loss and every parameter gradient equal those of the hand loss
+    cross + 0.7 * vision whose targets are the global embeddings detached (the paper's stop-gradient); with the
+    targets not detached the encoder's gradients would differ."""
+    m = micro(lambda_cluster=0.0, lambda_vision=0.7).train()
+    batch = _batch()
+    o = m(batch)
+    o['loss'].backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    cross, vision, loss = _hand_losses(m, batch, lambda_vision=0.7)
+    assert float(o['cross']) == pytest.approx(float(cross), abs=1e-5) and float(o['vision']) == pytest.approx(float(vision), abs=1e-5)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any(n.startswith('clip.visual') for n in got)
+    for n in want: assert torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4), n
+    # the check has teeth: the hand vision term with targets that carry gradient moves the visual tower differently
+    from vilseg.encoders import image_features
+    def vision_grads(detach):
+        m.zero_grad(set_to_none=True)
+        img = F.normalize(image_features(m.clip, batch['global'], dense='none')['global'], dim=-1)
+        loc = F.normalize(image_features(m.clip, batch['local'].flatten(0, 1), dense='none')['global'], dim=-1)
+        hand_infonce(loc, img.detach() if detach else img, 0.1).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and n.startswith('clip.visual')}
+    a, b = vision_grads(True), vision_grads(False)
+    assert any(not torch.allclose(a[n], b[n], atol=1e-5, rtol=1e-4) for n in a)
+
+
+def test_ema_teacher_update_formula_and_targets():
+    """EMA teacher (ema_momentum = m > 0): `update_teacher()` sets every teacher parameter to m * teacher + (1 - m) *
+    student (matched by name), and the vision targets of the forward are the teacher's normalised global embeddings."""
+    m = micro(lambda_cluster=0.0, lambda_vision=1.0, ema_momentum=0.9).train()
+    assert m.teacher is not None and not any(p.requires_grad for p in m.teacher.parameters())
+    with torch.no_grad():                                     # teacher and student apart, as after some training
+        for p in m.clip.visual.parameters(): p.add_(0.05 * torch.randn_like(p))
+    T = {n: p.detach().clone() for n, p in m.teacher.named_parameters()}
+    S = {n: p.detach().clone() for n, p in m.clip.visual.named_parameters()}
+    assert T.keys() == S.keys() and any(not torch.equal(T[n], S[n]) for n in T)
+    batch = _batch()
+    o = m(batch)
+    _, vision, _ = _hand_losses(m, batch, tgt_visual=m.teacher)
+    _, vision_student, _ = _hand_losses(m, batch)
+    assert float(o['vision']) == pytest.approx(float(vision), abs=1e-5)
+    assert abs(float(vision) - float(vision_student)) > 1e-3, 'teacher and student targets give different losses'
+    m.update_teacher()
+    for n, p in m.teacher.named_parameters():
+        assert torch.allclose(p, 0.9 * T[n] + 0.1 * S[n], atol=1e-6), n
+    for n, p in m.clip.visual.named_parameters(): assert torch.equal(p, S[n]), 'the student is not touched'

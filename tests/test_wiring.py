@@ -181,8 +181,8 @@ def test_calibrate_threshold_on_known_sweep(bg_score):
     assert len(np.unique(lab)) == 4
     lab2 = lab.copy(); lab2[::3, ::4] = 255; lab2[5, :] = 2            # a second image: some ignored pixels and noise
     ds = Items([torch.zeros(3, H, W, dtype=torch.uint8)] * 2, [torch.as_tensor(lab), torch.as_tensor(lab2)], names)
-    best, sweep = calibrate_threshold(PositionOracle(smooth3), ds, thresholds=ths, bg_score=bg_score, prob_scale=10.0,
-                                      progress=False)
+    oracle = PositionOracle(smooth3, logit_scale=50.0)       # prob_scale=10 given: the model's own scale is not used
+    best, sweep = calibrate_threshold(oracle, ds, thresholds=ths, bg_score=bg_score, prob_scale=10.0, progress=False)
     # the sweep also holds evaluate's default bg_threshold 0.0 (see test_calibrate_threshold_picks_from_given_thresholds)
     want = {t: nanmean(hand_iou(np.concatenate([hand_pred(smooth3, H, W, 3, t, bg_score, 10.0)] * 2),
                                 np.concatenate([lab, lab2]), 4)) for t in ths + [0.0]}
@@ -190,9 +190,22 @@ def test_calibrate_threshold_on_known_sweep(bg_score):
     for t in want: assert sweep[t] == pytest.approx(want[t], abs=1e-9), (t, sweep, want)
     assert best == max(want, key=want.get) == t_true
     assert sorted(want.values())[-1] - sorted(want.values())[-2] > 0.02, 'a clear winner'
-    # the model's own logit scale when prob_scale is None (here 10, the oracle's): the same sweep
+    # the model's own logit scale when prob_scale is None (here 10): the same sweep
     if bg_score == 'prob':
-        assert calibrate_threshold(PositionOracle(smooth3), ds, thresholds=ths, bg_score='prob', progress=False) == (best, sweep)
+        assert calibrate_threshold(PositionOracle(smooth3, logit_scale=10.0), ds, thresholds=ths, bg_score='prob',
+                                   progress=False) == (best, sweep)
+
+
+@pytest.mark.xfail(strict=True, reason='library bug: calibrate_threshold passes thresholds to evaluate(), whose default '
+                   'bg_threshold=0.0 joins the sweep, so it can return 0.0 although 0.0 is not among the thresholds given')
+def test_calibrate_threshold_picks_from_given_thresholds():
+    """`calibrate_threshold(thresholds=ths)` returns one of `ths`: labels without background (the map at threshold
+    -1), so the lower the threshold the better; 0.0 would beat both thresholds given, 0.403 and 0.553."""
+    H, W = 18, 22
+    lab = hand_pred(smooth3, H, W, 3, -1.0)
+    ds = Items([torch.zeros(3, H, W, dtype=torch.uint8)], [torch.as_tensor(lab)], [['background'], ['a'], ['b'], ['c']])
+    best, sweep = calibrate_threshold(PositionOracle(smooth3), ds, thresholds=[0.403, 0.553], progress=False)
+    assert best in (0.403, 0.553) and set(sweep) == {0.403, 0.553}
 
 
 # ------------------------------------------------------------------------------------------------ seen / unseen
@@ -435,3 +448,132 @@ def test_ema_teacher_update_formula_and_targets():
     for n, p in m.teacher.named_parameters():
         assert torch.allclose(p, 0.9 * T[n] + 0.1 * S[n], atol=1e-6), n
     for n, p in m.clip.visual.named_parameters(): assert torch.equal(p, S[n]), 'the student is not touched'
+
+
+# ------------------------------------------------------------------------------------------------ the two views of the clustering loss
+class OneHotHead(torch.nn.Module):
+    "A stand-in clustering head: the soft assignment of a one-hot feature is (nearly) that one-hot, softmax(30 z)."
+    def assign(self, z): return (30 * z).softmax(-1)
+
+
+def test_cluster_loss_aligned_pair_beats_unaligned():
+    """`ViLSeg.cluster_loss` on a known crop: global maps of 4 clusters in random 8x8 blocks (32x48 grid, 2 images),
+    the paired view's map cut out of each by hand (its box, nearest sampling, flipped for image 1). With the true
+    box and flip the IIC loss is near its floor -H(p) (p: the cluster shares of the paired view; IIC = -I(X;Y)
+    and I <= H(p), equal for a perfect alignment); an unaligned pair (flip ignored, box read as (y, x), boxes of the other image) scores worse."""
+    m = micro()
+    m.head = OneHotHead()
+    n, h, w, K = 2, 32, 48, 4
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, K, (n, h // 8, w // 8), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    box = torch.tensor([[0.25, 0.0, 0.75, 1.0], [0.0, 0.25, 0.5, 1.0]])           # x0, y0, x1, y1 of the global view
+    flip = torch.tensor([False, True])
+    pair = torch.zeros(n, h, w, dtype=torch.long)
+    for b in range(n):
+        x0, y0, x1, y1 = (box[b] * torch.tensor([w, h, w, h])).tolist()
+        for py in range(h):
+            for px in range(w):
+                sx = w - 1 - px if flip[b] else px                                # the pair was flipped after the crop
+                gy, gx = y0 + (py + 0.5) * (y1 - y0) / h, x0 + (sx + 0.5) * (x1 - x0) / w
+                pair[b, py, px] = ids[b, int(gy), int(gx)]
+    zg, zp = F.one_hot(ids, K).float(), F.one_hot(pair, K).float()
+    p = torch.bincount(pair.flatten(), minlength=K).double() / pair.numel()
+    floor = float((p * p.log()).sum())                                            # -H(p)
+    aligned = float(m.cluster_loss(zg, zp, box, flip))
+    # roi_align blends neighbouring cells within a pixel of a block edge (about a fifth of the cells here): at least
+    # three quarters of the mutual information I = H(p) of a perfect alignment must remain
+    assert floor - 1e-4 <= aligned <= 0.75 * floor, (aligned, floor)
+    wrong = {'flip ignored': (box, torch.zeros(n, dtype=torch.bool)), 'flip inverted': (box, ~flip),
+             'box as (y, x)': (box[:, [1, 0, 3, 2]], flip), 'boxes of the other image': (box.flip(0), flip)}
+    for why, (b_, f_) in wrong.items():
+        bad = float(m.cluster_loss(zg, zp, b_, f_))
+        print(why, bad)
+        assert bad > aligned + 0.2, (why, bad, aligned)
+
+
+def test_multiview_pair_box_and_flip_describe_the_pair():
+    """`MultiView`'s `pair_box` (x0, y0, x1, y1 in the global view's [0, 1] coordinates) and `pair_flip` say where
+    the paired view was cut: resampling the global view at that box (`align_to_pair`, flipped when the flag says so)
+    gives the paired view's pixels. The image is a linear ramp in x (red) and y (green), which resizing and roi_align
+    keep linear, so the comparison is exact up to the borders; colour jitter is off."""
+    from vilseg.views import MultiView, ViewConfig, denormalize, align_to_pair
+    H = W = 64
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
+    img = torch.stack([20 + 3 * xx, 20 + 3 * yy, torch.full_like(xx, 128)]).to(torch.uint8)
+    mv = MultiView(ViewConfig(global_size=32, n_local=0, pair=True, global_jitter=0, pair_jitter=0, pair_gray=0,
+                              pair_scale=(0.2, 0.6), global_scale=(0.5, 1.0)))
+    flips = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        v = mv(img)
+        g, pv = denormalize(v['global']) * 255, denormalize(v['pair']) * 255
+        assert v['pair_box'].shape == (4,) and (v['pair_box'][2:] > v['pair_box'][:2]).all()
+        back = align_to_pair(g[None], v['pair_box'][None], v['pair_flip'].view(1), 32)[0]
+        inner = (slice(None), slice(3, -3), slice(3, -3))
+        err = (back - pv)[inner].abs().max()
+        assert err < 2.0, (seed, float(err))
+        # the pair's red ramp runs left to right unless it was flipped
+        dx = float((pv[0, :, -4] - pv[0, :, 3]).mean())
+        assert (dx < 0) == bool(v['pair_flip']), (seed, dx)
+        flips.append(bool(v['pair_flip']))
+    assert len(set(flips)) == 2, 'both flipped and unflipped pairs were checked'
+
+
+# ------------------------------------------------------------------------------------------------ training: skipped samples, EMA in the loop
+def hand_lr(base, k, warmup, total, min_ratio):
+    "Learning rate after k scheduler steps: linear warmup (k+1)/warmup, then cosine from 1 down to min_ratio."
+    if k < warmup: return base * (k + 1) / warmup
+    p = min(1.0, (k - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@pytest.fixture(scope='module')
+def tiny_world(tmp_path_factory):
+    from vilseg.world import make_world, WorldConfig
+    root = tmp_path_factory.mktemp('world') / 'w'
+    make_world(root, n_train=16, n_val=2, cfg=WorldConfig(image_size=32), shard_size=64, workers=1, progress=False)
+    return root
+
+
+def test_training_counts_skipped_samples_exactly(tiny_world, tmp_path, monkeypatch):
+    """A training run over a world with corrupt images: `skipped_samples` is the number of corrupt samples drawn
+    over all steps (each draw counts), the log's cumulative `skipped` at each step likewise; a batch with fewer
+    than 2 good samples (here one of only bad samples, one with a single good one) takes no optimiser step but
+    still advances the step counter and the schedule; every optimiser step is followed by one EMA update of the
+    teacher, t <- m t + (1 - m) s. The batches come from the run's sampler; the expectation is counted by hand."""
+    from vilseg.train import train, TrainConfig, ResumableBatchSampler
+    from vilseg.vilseg import ViLSeg
+    root = tmp_path / 'w'; shutil.copytree(tiny_world, root)
+    files = [l.split('\t')[0] for l in (root / 'captions' / 'train.tsv').read_text().splitlines()[1:]]
+    steps, bs = 7, 4
+    batches = [[i for i, _ in ResumableBatchSampler(len(files), bs, seed=0).batch(s)] for s in range(steps)]
+    corrupt = set(batches[1]) | set(batches[2][:3]) | {batches[0][0]}        # step 1: all bad; step 2: one good
+    for i in corrupt: (root / 'captions' / files[i]).write_bytes(b'\xff\xd8 not a jpeg')
+    drawn_bad = [len([i for i in b if i in corrupt]) for b in batches]
+    trained = [s for s, b in enumerate(batches) if bs - drawn_bad[s] >= 2]
+    assert 1 not in trained and 2 not in trained and 0 in trained and drawn_bad[0] == 1
+    assert sum(drawn_bad[3:]) > 0, 'corrupt samples are drawn again in the second epoch'
+
+    ema_calls = []
+    real_update = ViLSeg.update_teacher
+    def checked_update(self):
+        S = {n: p.detach().clone() for n, p in self.clip.visual.named_parameters()}
+        T = {n: p.detach().clone() for n, p in self.teacher.named_parameters()}
+        real_update(self)
+        mo = self.cfg.ema_momentum
+        ema_calls.append(all(torch.allclose(p, mo * T[n] + (1 - mo) * S[n], atol=1e-6) for n, p in self.teacher.named_parameters()))
+    monkeypatch.setattr(ViLSeg, 'update_teacher', checked_update)
+
+    cfg = TrainConfig(data=str(root), out_dir=str(tmp_path / 'run'), model='vilseg-micro', image_size=32, local_size=16,
+                      n_local=1, n_clusters=4, head_hidden=16, batch_size=bs, steps=steps, warmup=3, lr=1e-3, min_lr_ratio=0.1,
+                      num_workers=0, log_every=1, eval_images=2, calib_images=2, ema_momentum=0.6, progress=False)
+    res = train(cfg)
+    assert res['steps'] == steps and res['skipped_samples'] == sum(drawn_bad)
+    log = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines() if l.strip()]
+    recs = [r for r in log if 'loss' in r]
+    assert [r['step'] for r in recs] == [s + 1 for s in trained]
+    for r in recs:
+        s = r['step']
+        assert r['skipped'] == sum(drawn_bad[:s]), (s, r['skipped'])
+        assert r['lr'] == pytest.approx(hand_lr(1e-3, s, 3, steps, 0.1), rel=1e-9), s
+    assert ema_calls == [True] * len(trained)

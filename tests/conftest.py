@@ -9,3 +9,7 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('TQDM_DISABLE', '1')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a test of a minute or more (`make test-fast` leaves it out)')

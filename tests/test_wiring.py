@@ -184,9 +184,8 @@ def test_calibrate_threshold_on_known_sweep(bg_score):
     ds = Items([torch.zeros(3, H, W, dtype=torch.uint8)] * 2, [torch.as_tensor(lab), torch.as_tensor(lab2)], names)
     oracle = PositionOracle(smooth3, logit_scale=50.0)       # prob_scale=10 given: the model's own scale is not used
     best, sweep = calibrate_threshold(oracle, ds, thresholds=ths, bg_score=bg_score, prob_scale=10.0, progress=False)
-    # the sweep also holds evaluate's default bg_threshold 0.0 (see test_calibrate_threshold_picks_from_given_thresholds)
     want = {t: nanmean(hand_iou(np.concatenate([hand_pred(smooth3, H, W, 3, t, bg_score, 10.0)] * 2),
-                                np.concatenate([lab, lab2]), 4)) for t in ths + [0.0]}
+                                np.concatenate([lab, lab2]), 4)) for t in ths}
     assert set(sweep) == set(want)
     for t in want: assert sweep[t] == pytest.approx(want[t], abs=1e-9), (t, sweep, want)
     assert best == max(want, key=want.get) == t_true
@@ -197,8 +196,6 @@ def test_calibrate_threshold_on_known_sweep(bg_score):
                                    progress=False) == (best, sweep)
 
 
-@pytest.mark.xfail(strict=True, reason='library bug: calibrate_threshold passes thresholds to evaluate(), whose default '
-                   'bg_threshold=0.0 joins the sweep, so it can return 0.0 although 0.0 is not among the thresholds given')
 def test_calibrate_threshold_picks_from_given_thresholds():
     """`calibrate_threshold(thresholds=ths)` returns one of `ths`: labels without background (the map at threshold
     -1), so the lower the threshold the better; 0.0 would beat both thresholds given, 0.403 and 0.553."""

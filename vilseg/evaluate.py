@@ -91,7 +91,8 @@ def calibrate_threshold(model, dataset, thresholds=None, **kw) -> tuple[float, d
     "Best background threshold on `dataset` (a calibration split) and the sweep."
     if kw.get('bg_index', 0) is None: raise ValueError('calibrate_threshold needs a background class (bg_index is None)')
     thresholds = list(thresholds if thresholds is not None else np.round(np.arange(-0.2, 0.9, 0.05), 3))
-    r = evaluate(model, dataset, thresholds=thresholds, **kw)
+    if not thresholds: raise ValueError('calibrate_threshold needs at least one threshold')
+    r = evaluate(model, dataset, thresholds=thresholds, **{**kw, 'bg_threshold': thresholds[0]})   # the sweep holds the given thresholds only
     best = max(r['sweep'], key=r['sweep'].get)
     return float(best), r['sweep']
 

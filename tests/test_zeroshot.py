@@ -241,3 +241,15 @@ def test_torchrun_two_process_zeroshot(world, tmp_path):
     assert m['world_size'] == 2 and m['steps'] == 3 and m['pseudo_quality']['pseudo_pixels'] > 0
     logged = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     assert [l['step'] for l in logged] == [1, 2, 3]
+
+
+def test_finetune_trains_the_image_tower_and_loads_it_back(world, tmp_path):
+    "finetune=True: the image tower changes, is saved with the decoder, and load_zeroshot gives the trained one back."
+    r = train_zeroshot(out_dir=str(tmp_path / 'ft'), variant='cel', finetune=True, backbone_lr=1e-2, **oc(world))
+    before = Backbone(model='vilseg-micro', pretrained=str(world / 'micro_openclip.pt')).clip.visual.state_dict()
+    dec, bb, _ = load_zeroshot(tmp_path / 'ft' / 'checkpoint.pt')
+    after = bb.clip.visual.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    saved = torch.load(tmp_path / 'ft' / 'checkpoint.pt', weights_only=True)['backbone_visual']
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+    assert 0 <= r['miou_seen'] <= 1 and r['steps'] == 4

@@ -509,13 +509,15 @@ def _pseudo_source(cfg: ZeroShotConfig, backbone: Backbone, device) -> Backbone:
 
 def load_zeroshot(checkpoint, backbone: Backbone | None = None, device='cpu'):
     """`(decoder, backbone, config)` from a checkpoint of `train_zeroshot`; the backbone is rebuilt from the config
-    unless given, and must give patch embeddings of the width the decoder was trained on."""
+    unless given (with its fine-tuned image tower, if the run fine-tuned it), and must give patch embeddings of the
+    width the decoder was trained on."""
     ck = load_checkpoint(checkpoint)
     if not isinstance(ck, dict) or 'decoder' not in ck or 'config' not in ck:
         raise VilsegDataError(checkpoint, 'not a zero-shot checkpoint of vilseg (no decoder/config)')
     cfg = ZeroShotConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(ZeroShotConfig)} and k != 'variant'})
     if backbone is None: backbone = Backbone(cfg.checkpoint, cfg.model, cfg.pretrained, cfg.dense, device)
     _check_width(backbone, ck['in_dim'], ck['embed_dim'], checkpoint)
+    if 'backbone_visual' in ck: backbone.clip.visual.load_state_dict(ck['backbone_visual'])   # a fine-tuned image tower
     dec = MaskProposalDecoder(ck['in_dim'], ck['embed_dim'], backbone.patch, ProposalConfig(**ck['proposal']))
     dec.load_state_dict(ck['decoder']); dec.eval().to(device)
     return dec, backbone, cfg

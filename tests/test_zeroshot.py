@@ -253,3 +253,19 @@ def test_finetune_trains_the_image_tower_and_loads_it_back(world, tmp_path):
     saved = torch.load(tmp_path / 'ft' / 'checkpoint.pt', weights_only=True)['backbone_visual']
     assert all(torch.equal(saved[k], after[k]) for k in saved)
     assert 0 <= r['miou_seen'] <= 1 and r['steps'] == 4
+
+
+def test_zeroshot_notebook_runs_tiny(world, tmp_path):
+    "`make zeroshot`'s notebook end to end on the tiny world with an open_clip backbone file: metrics and figures written."
+    import papermill as pm
+    out = tmp_path / 'run'
+    pm.execute_notebook(str(Path(__file__).resolve().parents[1] / 'nbs' / 'experiments' / 'zeroshot.ipynb'), str(tmp_path / 'z.ipynb'),
+                        cwd=str(tmp_path), kernel_name='python3', progress_bar=False,
+                        parameters=dict(variant='cel_pseudo_gt', data=str(world / 'w'), checkpoint=None, model='vilseg-micro',
+                                        pretrained=str(world / 'micro_openclip.pt'), out_dir=str(out), steps=3, batch_size=8,
+                                        train_images=32, n_queries=6, cache_dir=str(tmp_path / 'cache'), progress=False,
+                                        pseudo_model='vilseg-micro', pseudo_pretrained=str(world / 'micro_openclip.pt'), pseudo_bg_threshold=-1.0))
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['variant'] == 'cel_pseudo_gt' and m['steps'] == 3 and m['pseudo_quality']['images'] == 32
+    assert 0 <= m['ensemble']['miou_unseen'] <= 1
+    for f in ('per_class.png', 'predictions.png', 'checkpoint.pt'): assert (out / f).stat().st_size > 0, f

@@ -65,7 +65,8 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path, background
     out = torch.zeros(2, n).share_memory_()
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), background, rank_kind, out), nprocs=2, join=True)
     assert torch.allclose(out[0], out[1])                                 # DDP averaged them
-    assert torch.allclose(out[0], full, atol=1e-6, rtol=1e-4), float((out[0] - full).abs().max())
+    rel = float((out[0] - full).norm() / full.norm())                   # float rounding only (thread count changes it)
+    assert rel < 3e-5, rel                   # rounding: up to 2e-6 with 2 threads; without the all-reduce about 1
     assert full.abs().sum() > 0                 # the ranks hold 3 and 4 segments: a per-rank normalisation would not be exact
 
 

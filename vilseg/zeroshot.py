@@ -496,11 +496,6 @@ class ZeroShotConfig:
 ZS_RESUMABLE = {'resume', 'stop_at', 'progress', 'overwrite', 'device', 'log_every', 'ckpt_every', 'out_dir', 'eval_images', 'eval_size', 'cache_dir',
                 'ensemble_seen', 'ensemble_unseen'}
 
-def _dist_env():
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1:
-        return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
-    return 0, 1, 0
-
 def _pseudo_source(cfg: ZeroShotConfig, backbone: Backbone, device) -> Backbone:
     if cfg.pseudo_model: return Backbone(model=cfg.pseudo_model, pretrained=cfg.pseudo_pretrained, device=device)
     if cfg.pseudo_checkpoint and (not cfg.checkpoint or Path(cfg.pseudo_checkpoint).resolve() != Path(cfg.checkpoint).resolve()):
@@ -531,7 +526,7 @@ def _check_width(backbone: Backbone, in_dim: int, embed_dim: int, where):
 # %% ../nbs/17_zeroshot.ipynb #c025
 def train_zeroshot(cfg: ZeroShotConfig | None = None, **overrides) -> dict:
     "Train the mask-proposal decoder on a zero-shot split and evaluate it; returns (and writes) `metrics.json`."
-    from vilseg.train import ResumableBatchSampler, lr_lambda
+    from vilseg.train import ResumableBatchSampler, lr_lambda, _dist_env
     bad = sorted(set(overrides) - {f.name for f in fields(ZeroShotConfig)})
     if bad: raise TypeError(f'unknown zero-shot parameter(s) {bad}')
     if cfg is None: cfg = ZeroShotConfig(**overrides)

@@ -4,18 +4,18 @@
 
 # %% ../nbs/05_encoders.ipynb #c002
 from __future__ import annotations
-import json, os, tempfile
+import json, os, tempfile, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 import open_clip
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import text_global_pool, QuickGELU
 
 from .core import atomic_write_text
 
 # %% auto #0
-__all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'POS_SCALES', 'ConvStem', 'register_configs', 'create_clip', 'image_features',
-           'encode_text', 'text_features']
+__all__ = ['TINY_CONFIGS', 'CONV_STEMS', 'POS_SCALES', 'DENSE_READOUTS', 'DENSE_ALIASES', 'ConvStem', 'register_configs',
+           'create_clip', 'uses_quickgelu', 'dense_readout', 'image_features', 'encode_text', 'text_features']
 
 # %% ../nbs/05_encoders.ipynb #c003
 TINY_CONFIGS = {
@@ -97,7 +97,20 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
             from open_clip.factory import load_state_dict as _oc_load   # .pt/.bin/.safetensors, 'state_dict', 'module.'
             try: model.load_state_dict(_oc_load(str(pretrained), device='cpu', weights_only=True))
             except Exception as e: raise RuntimeError(f'pretrained={pretrained}: not a checkpoint of {model_name} ({e})') from e
+    if pretrained and Path(str(pretrained)).is_file(): _warn_activation(model_name, model, pretrained)
     return model, open_clip.get_tokenizer(model_name)
+
+def uses_quickgelu(model) -> bool:
+    "Whether the model's MLPs use QuickGELU (`x * sigmoid(1.702 x)`, OpenAI's CLIP) rather than GELU."
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+def _warn_activation(model_name: str, model, pretrained) -> None:
+    "Warn when a weights file goes into a GELU model whose name usually carries OpenAI's (QuickGELU) weights."
+    twin = f'{model_name}-quickgelu'
+    if uses_quickgelu(model) or twin not in open_clip.list_models(): return
+    warnings.warn(f'{model_name} uses GELU, but OpenAI\'s CLIP weights were trained with QuickGELU: if {pretrained} holds '
+                  f'OpenAI weights, use --model {twin} (a GELU model loads them without error and computes something else)',
+                  UserWarning, stacklevel=3)
 
 # %% ../nbs/05_encoders.ipynb #c006
 def _interp_pos(pos: torch.Tensor, grid0, grid) -> torch.Tensor:
@@ -108,17 +121,50 @@ def _interp_pos(pos: torch.Tensor, grid0, grid) -> torch.Tensor:
     p = F.interpolate(p, size=tuple(grid), mode='bicubic', align_corners=False)
     return torch.cat([cls, p.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
-def _value_block(block, x):
-    "MaskCLIP: the last block's value embedding through `out_proj`, without attention, residual or MLP."
-    attn = block.attn; W = x.shape[-1]
-    y = block.ln_1(x)
-    v = F.linear(y, attn.in_proj_weight[2 * W:], attn.in_proj_bias[2 * W:] if attn.in_proj_bias is not None else None)
-    return attn.out_proj(v)
+DENSE_READOUTS = {
+    'tokens': 'the final patch tokens through ln_post and proj (open_clip\'s own tokens)',
+    'maskclip': 'last block: value path out_proj(W_v ln_1(x)) instead of attention, residual and MLP kept '
+                '(MaskCLIP mmseg/models/backbones/vit.py; TCL sclip/model.py ignore_last_attn)',
+    'clearclip': 'last block: the value path alone, no residual, no MLP (the ClearCLIP-style variant)',
+    'sclip': 'last block: correlative self-attention softmax(q q^T) + softmax(k k^T), residual and MLP kept '
+             '(SCLIP clip/model.py custom_attn, csa=True)',
+}
+DENSE_ALIASES = {'value': 'clearclip'}   # what dense='value' has always computed: checkpoints trained with it keep their meaning
+
+def dense_readout(name: str) -> str:
+    "The canonical name of a dense read-out (`value` -> `clearclip`); a one-line `ValueError` naming the valid ones otherwise."
+    name = DENSE_ALIASES.get(name, name)
+    if name in DENSE_READOUTS or name == 'none': return name
+    valid = [*DENSE_READOUTS, *DENSE_ALIASES, 'none']
+    raise ValueError(f'unknown dense read-out {name!r}; valid: {", ".join(valid)}')
+
+def _qkv(block, y):
+    "Queries, keys and values of `block`'s attention on the normalised tokens `y` (`B x L x W` each)."
+    attn = block.attn
+    return F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+def _value_path(block, x):
+    "The last block's value embedding through `out_proj`: attention with each token attending only to itself."
+    return block.attn.out_proj(_qkv(block, block.ln_1(x))[2])
+
+def _correlative_attention(block, x):
+    "SCLIP's correlative self-attention: per head softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d)) weighting the values."
+    attn = block.attn; B, L, W = x.shape; h = attn.num_heads; d = W // h
+    q, k, v = (t.reshape(B, L, h, d).transpose(1, 2) for t in _qkv(block, block.ln_1(x)))
+    a = (q @ q.transpose(-1, -2) * d ** -0.5).softmax(-1) + (k @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
+    return attn.out_proj((a @ v).transpose(1, 2).reshape(B, L, W))
+
+def _last_block(block, x, readout: str):
+    "The last block with its attention replaced as `readout` says (see `DENSE_READOUTS`)."
+    if readout == 'clearclip': return _value_path(block, x)
+    y = x + block.ls_1(_value_path(block, x) if readout == 'maskclip' else _correlative_attention(block, x))
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
 
 def image_features(model, images: torch.Tensor, dense: str = 'tokens', normalize: bool = False) -> dict:
     """Normalised-pixel images `Bx3xHxW` -> dict(global=`BxD`, patches=`BxhxwxD`, grid=(h, w)).
-    `dense`: 'tokens' (patch tokens through ln_post and proj), 'value' (MaskCLIP value-embedding trick; the final tokens are returned as well, under `tokens`), or
-    'none' (global only)."""
+    `dense`: a read-out of `DENSE_READOUTS` ('tokens', 'maskclip', 'clearclip' (alias 'value'), 'sclip'), or 'none'
+    (global only). Every read-out but 'tokens' also returns the final tokens, under `tokens`."""
+    readout = dense_readout(dense)
     v = model.visual
     if not hasattr(v, 'conv1') or getattr(v, 'attn_pool', None) is not None:
         raise NotImplementedError(f'dense features need an open_clip VisionTransformer without attentional pooling, got {type(v).__name__}')
@@ -133,10 +179,11 @@ def image_features(model, images: torch.Tensor, dense: str = 'tokens', normalize
     x = torch.cat([cls, x], 1) + _interp_pos(v.positional_embedding, v.grid_size, (h, w)).to(x.dtype)
     x = v.patch_dropout(x) if (v.training and not isinstance(v.patch_dropout, torch.nn.Identity)) else x
     x = v.ln_pre(x)
-    if dense == 'value':
+    special = readout not in ('tokens', 'none')
+    if special:
         blocks = v.transformer.resblocks
         for blk in blocks[:-1]: x = blk(x)
-        xv = _value_block(blocks[-1], x)
+        xd = _last_block(blocks[-1], x, readout)
         x = blocks[-1](x)
     else:
         x = v.transformer(x)
@@ -147,10 +194,10 @@ def image_features(model, images: torch.Tensor, dense: str = 'tokens', normalize
         if ln: t = v.ln_post(t)
         z = (t @ v.proj).reshape(B, h, w, -1)
         return F.normalize(z, dim=-1) if normalize else z
-    if dense == 'value':
-        out['patches'] = project(xv[:, 1:], True)
+    if special:
+        out['patches'] = project(xd[:, 1:], True)
         out['tokens'] = project(tokens, v.final_ln_after_pool)     # the final patch tokens as well, at no extra cost
-    elif dense != 'none':
+    elif readout == 'tokens':
         out['patches'] = project(tokens, v.final_ln_after_pool)
     return out
 

@@ -15,11 +15,11 @@ from PIL import Image
 from .core import VilsegDataError, _atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['IGNORE_INDEX', 'VOC20', 'VOC21', 'CONTEXT59', 'CONTEXT60', 'COCO80', 'COCO_OBJECT81', 'COCO_STUFF91', 'COCO_STUFF171',
-           'ADE150', 'CLASS_NAMES', 'ZERO_SHOT_SPLITS', 'COCO_CATEGORY_IDS', 'BENCHMARKS', 'read_rgb', 'read_label',
-           'norm_name', 'read_class_names', 'write_class_names', 'class_index', 'seen_unseen_indices',
-           'zero_shot_split', 'SegDataset', 'VOCStyleSegmentation', 'VOCSegmentation', 'PascalContext', 'CocoStuff',
-           'ADE20K', 'coco_instances_to_labels', 'CocoObject', 'load_benchmark']
+__all__ = ['IGNORE_INDEX', 'CLASSES_DIR', 'VOC21', 'VOC20', 'CONTEXT60', 'CONTEXT59', 'COCO_OBJECT81', 'COCO_STUFF171', 'COCO80',
+           'COCO_STUFF91', 'ADE150', 'CLASS_NAMES', 'ZERO_SHOT_SPLITS', 'COCO_CATEGORY_IDS', 'BENCHMARKS', 'read_rgb',
+           'read_label', 'norm_name', 'read_class_names', 'write_class_names', 'class_names_file', 'class_index',
+           'seen_unseen_indices', 'zero_shot_split', 'SegDataset', 'VOCStyleSegmentation', 'VOCSegmentation',
+           'PascalContext', 'CocoStuff', 'ADE20K', 'coco_instances_to_labels', 'CocoObject', 'load_benchmark']
 
 # %% ../nbs/02_segdata.ipynb #c005
 from .captions import load_image
@@ -58,8 +58,8 @@ def norm_name(s: str) -> str:
     "The form in which class names are compared: lower case, without spaces, hyphens or underscores."
     return re.sub(r'[\s_\-]+', '', s.lower())
 
-def _clean_classes(classes, where: Callable[[int], str], path) -> list[list[str]]:
-    "Validate a class list (strings or lists of names); `where(i)` says where class `i` came from."
+def _clean_classes(classes, where: Callable[[int], str], path, unique: bool = True) -> list[list[str]]:
+    "Validate a class list (strings or lists of names); `where(i)` says where class `i` came from; `unique`: no name shared by two classes."
     out, seen = [], {}
     for i, c in enumerate(classes):
         names = [c] if isinstance(c, str) else list(c)
@@ -69,13 +69,14 @@ def _clean_classes(classes, where: Callable[[int], str], path) -> list[list[str]
         for n in names:
             k = norm_name(n)
             if not k: raise VilsegDataError(path, f'{where(i)}: class name {n!r} has no letters or digits')
-            if seen.setdefault(k, i) != i:
+            if seen.setdefault(k, i) != i and unique:
                 raise VilsegDataError(path, f'{where(i)}: duplicate class name {n!r} (already used by {where(seen[k])})')
         out.append(list(dict.fromkeys(names)))  # spelling variants of one class are kept, exact repeats dropped
     return out
 
-def read_class_names(path) -> list[list[str]]:
-    "Classes from a class-name file: one class a line, comma-separated synonyms, `#` comments."
+def read_class_names(path, unique: bool = True) -> list[list[str]]:
+    """Classes from a class-name file: one class a line, comma-separated synonyms, `#` comments. `unique=False`
+    accepts a name on two lines (query-word files such as SCLIP's, whose background words include 'bed')."""
     path = Path(path)
     if not path.is_file(): raise VilsegDataError(path, 'class-name file not found')
     try: text = path.read_text(encoding='utf-8')
@@ -86,7 +87,7 @@ def read_class_names(path) -> list[list[str]]:
         if not body.strip(): continue
         classes.append([s.strip() for s in body.split(',')]); lines.append(ln)
     if not classes: raise VilsegDataError(path, 'no class names in file')
-    return _clean_classes(classes, lambda i: f'line {lines[i]}', path)
+    return _clean_classes(classes, lambda i: f'line {lines[i]}', path, unique)
 
 def write_class_names(path, names) -> Path:
     "Write classes (strings or lists of synonyms) one a line, in the format `read_class_names` reads."
@@ -98,427 +99,28 @@ def write_class_names(path, names) -> Path:
     return atomic_write_text(path, ''.join(', '.join(c) + '\n' for c in classes))
 
 # %% ../nbs/02_segdata.ipynb #c014
-def _parse(block: str) -> list[list[str]]:
-    return [[s.strip() for s in l.split(',')] for l in block.strip().splitlines() if l.strip()]
+import vilseg as _pkg
+CLASSES_DIR = Path(_pkg.__file__).parent / 'classes'   # package data: vilseg/classes/*.txt (+ sclip/, mmseg/)
 
-VOC20 = _parse('''
-aeroplane, airplane
-bicycle, bike
-bird
-boat, ship
-bottle
-bus
-car
-cat
-chair
-cow
-dining table, table
-dog
-horse
-motorbike, motorcycle
-person, people
-potted plant, house plant
-sheep
-sofa, couch
-train
-tv monitor, television, monitor
-''')
-VOC21 = [['background']] + VOC20
+def class_names_file(benchmark: str, source: str | None = None) -> Path:
+    """The class-name file of `benchmark` (a key of `CLASS_NAMES`): ours (`source=None`), SCLIP's (`'sclip'`: per-class
+    name lists and background words, from its `configs/cls_*.txt`) or mmsegmentation's single names (`'mmseg'`: the
+    `CLASSES` of its 0.x datasets, which TCL and GroupViT read)."""
+    f = CLASSES_DIR / (source or '') / f'{benchmark}.txt'
+    if not f.is_file():
+        known = sorted(p.stem for p in (CLASSES_DIR / (source or '')).glob('*.txt'))
+        raise ValueError(f'no class-name file for {benchmark!r} from {source or "vilseg"}; known: {known}')
+    return f
 
-CONTEXT59 = _parse('''
-aeroplane, airplane
-bag
-bed
-bedclothes, bed sheets
-bench
-bicycle, bike
-bird
-boat, ship
-book
-bottle
-building
-bus
-cabinet
-car
-cat
-ceiling
-chair
-cloth
-computer
-cow
-cup
-curtain
-dog
-door
-fence
-floor
-flower
-food
-grass
-ground
-horse
-keyboard
-light, lamp
-motorbike, motorcycle
-mountain
-mouse
-person, people
-plate
-platform
-potted plant, house plant
-road
-rock
-sheep
-shelves, shelf
-sidewalk, pavement
-sign
-sky
-snow
-sofa, couch
-table
-track, railway track
-train
-tree
-truck
-tv monitor, television, monitor
-wall
-water
-window
-wood
-''')
-CONTEXT60 = [['background']] + CONTEXT59
-
-COCO80 = _parse('''
-person, people
-bicycle, bike
-car
-motorcycle, motorbike
-airplane, aeroplane
-bus
-train
-truck
-boat
-traffic light
-fire hydrant
-stop sign
-parking meter
-bench
-bird
-cat
-dog
-horse
-sheep
-cow
-elephant
-bear
-zebra
-giraffe
-backpack
-umbrella
-handbag
-tie
-suitcase
-frisbee
-skis
-snowboard
-sports ball, ball
-kite
-baseball bat
-baseball glove
-skateboard
-surfboard
-tennis racket
-bottle
-wine glass
-cup
-fork
-knife
-spoon
-bowl
-banana
-apple
-sandwich
-orange
-broccoli
-carrot
-hot dog
-pizza
-donut, doughnut
-cake
-chair
-couch, sofa
-potted plant, house plant
-bed
-dining table
-toilet
-tv, television, tv monitor
-laptop
-mouse
-remote
-keyboard
-cell phone, mobile phone
-microwave
-oven
-toaster
-sink
-refrigerator, fridge
-book
-clock
-vase
-scissors
-teddy bear
-hair drier, hair dryer
-toothbrush
-''')
-COCO_OBJECT81 = [['background']] + COCO80
-
-COCO_STUFF91 = _parse('''
-banner
-blanket
-branch
-bridge
-building-other, building
-bush
-cabinet
-cage
-cardboard
-carpet
-ceiling-other, ceiling
-ceiling-tile
-cloth
-clothes
-clouds, cloud
-counter
-cupboard
-curtain
-desk-stuff, desk
-dirt
-door-stuff, door
-fence
-floor-marble, marble floor
-floor-other, floor
-floor-stone, stone floor
-floor-tile, tile floor
-floor-wood, wooden floor
-flower
-fog
-food-other, food
-fruit
-furniture-other, furniture
-grass
-gravel
-ground-other, ground
-hill
-house
-leaves
-light
-mat
-metal
-mirror-stuff, mirror
-moss
-mountain
-mud
-napkin
-net
-paper
-pavement, sidewalk
-pillow
-plant-other, plant
-plastic
-platform
-playingfield, playing field, sports field
-railing
-railroad, railway
-river
-road
-rock
-roof
-rug
-salad
-sand
-sea
-shelf
-sky-other, sky
-skyscraper
-snow
-solid-other
-stairs
-stone
-straw
-structural-other, structure
-table
-tent
-textile-other, textile, fabric
-towel
-tree
-vegetable
-wall-brick, brick wall
-wall-concrete, concrete wall
-wall-other, wall
-wall-panel
-wall-stone, stone wall
-wall-tile, tile wall
-wall-wood, wooden wall
-water-other, water
-waterdrops, water drops
-window-blind, window blind
-window-other, window
-wood
-''')
-COCO_STUFF171 = COCO80 + COCO_STUFF91
-
-ADE150 = _parse('''
-wall
-building, edifice
-sky
-floor, flooring
-tree
-ceiling
-road, route
-bed
-windowpane, window
-grass
-cabinet
-sidewalk, pavement
-person, people
-earth
-door
-table
-mountain
-plant, flora
-curtain, drape
-chair
-car, automobile
-water
-painting, picture
-sofa, couch
-shelf
-house
-sea
-mirror
-rug, carpet
-field
-armchair
-seat
-fence
-desk
-rock, stone
-wardrobe, closet
-lamp
-bathtub, bath tub
-railing
-cushion
-base, pedestal
-box
-column, pillar
-signboard, sign
-chest of drawers, dresser
-counter
-sand
-sink
-skyscraper
-fireplace
-refrigerator, fridge
-grandstand
-path
-stairs, steps
-runway
-case, display case, showcase
-pool table, billiard table
-pillow
-screen door
-stairway, staircase
-river
-bridge
-bookcase
-blind, window blind
-coffee table
-toilet
-flower
-book
-hill
-bench
-countertop
-stove, cooker
-palm, palm tree
-kitchen island
-computer
-swivel chair
-boat
-bar
-arcade machine
-hovel, hut, shack
-bus
-towel
-light, light source
-truck
-tower
-chandelier
-awning, sunshade
-streetlight, street lamp
-booth, cubicle
-television receiver, television, tv
-airplane, aeroplane
-dirt track
-apparel, clothes
-pole
-land, soil
-bannister, banister, handrail
-escalator
-ottoman, pouf
-bottle
-buffet, sideboard
-poster
-stage
-van
-ship
-fountain
-conveyer belt, conveyor belt
-canopy
-washer, washing machine
-plaything, toy
-swimming pool
-stool
-barrel
-basket
-waterfall
-tent
-bag
-minibike, motorbike
-cradle
-oven
-ball
-food
-step
-tank, storage tank
-trade name, brand name
-microwave
-pot, flowerpot
-animal
-bicycle, bike
-lake
-dishwasher
-screen, projection screen
-blanket
-sculpture
-hood, exhaust hood
-sconce
-vase
-traffic light
-tray
-ashcan, trash can
-fan
-pier, wharf
-crt screen
-plate
-monitor, computer monitor
-bulletin board, notice board
-shower
-radiator
-glass, drinking glass
-clock
-flag
-''')
+VOC21 = read_class_names(class_names_file('voc21'))
+VOC20 = read_class_names(class_names_file('voc20'))
+CONTEXT60 = read_class_names(class_names_file('context60'))
+CONTEXT59 = read_class_names(class_names_file('context59'))
+COCO_OBJECT81 = read_class_names(class_names_file('coco_object'))
+COCO_STUFF171 = read_class_names(class_names_file('coco_stuff171'))
+COCO80 = COCO_STUFF171[:80]
+COCO_STUFF91 = COCO_STUFF171[80:]
+ADE150 = read_class_names(class_names_file('ade150'))
 
 CLASS_NAMES = {'voc21': VOC21, 'voc20': VOC20, 'context60': CONTEXT60, 'context59': CONTEXT59,
                'coco_object': COCO_OBJECT81, 'coco_stuff171': COCO_STUFF171, 'ade150': ADE150}

@@ -6,6 +6,9 @@ Reads   VOC2010 = VOCdevkit/VOC2010 (VOCtrainval_03-May-2010.tar): JPEGImages/ a
         459-class indices) and LABELS = its labels.txt ("k: name" lines).
 Writes  OUT/SegmentationClassContext/{id}.png (0 = background, 1..59 = the 59 classes in mmsegmentation's order),
         OUT/ImageSets/SegmentationContext/{train,val}.txt, and links OUT/JPEGImages to the VOC2010 images.
+        With --detail-json trainval_merged.json (the Detail API's file, as mmsegmentation's converter reads it) the
+        split lists are mmseg's (4 996 train / 5 104 val); without it, VOC 2010's ImageSets/Main lists (5 105 val).
+        Listed images without a .mat file are left out and named ("dropped" in the printed JSON).
 Then    vilseg eval --preset context60 --data OUT ...   (context59 ignores the background pixels)
 The conversion is `vilseg.prep.context_to_voc_layout` (nbs/15_prep.ipynb): classes are matched by name.
 """
@@ -20,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument('--labels', type=Path, default=None, help='labels.txt (default: next to --annotations)')
     p.add_argument('--out', type=Path, required=True, help='output root (e.g. data/pascal_context)')
     p.add_argument('--splits', nargs='+', default=['train', 'val'])
+    p.add_argument('--detail-json', type=Path, default=None, help="the Detail API's trainval_merged.json: mmseg's split lists")
     p.add_argument('--skip-existing', action='store_true', help='keep label files that already exist (resume)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
@@ -29,10 +33,11 @@ def main(argv=None) -> int:
     labels = a.labels or a.annotations.parent / 'labels.txt'
     try:
         st = context_to_voc_layout(a.voc2010, a.annotations, labels, a.out, splits=a.splits,
-                                   progress=not a.quiet, skip_existing=a.skip_existing)
+                                   progress=not a.quiet, skip_existing=a.skip_existing, detail_json=a.detail_json)
     except VilsegDataError as e:
         print(f'error: {e}', file=sys.stderr); return 1
-    print(json.dumps({'images': st, 'out': str(a.out)}))
+    dropped = st.pop('dropped')
+    print(json.dumps({'images': st, 'dropped': dropped, 'out': str(a.out)}))
     return 0
 
 

@@ -4,9 +4,10 @@
 Reads   VOC_ROOT = VOCdevkit/VOC2012 (from VOCtrainval_11-May-2012.tar): JPEGImages/, SegmentationClass/,
         ImageSets/Segmentation/{train,val}.txt. VOC is read in place: no conversion is needed to evaluate.
 With --sbd SBD_ROOT (benchmark_RELEASE from SBD, Hariharan et al. 2011):
-Writes  VOC_ROOT/SegmentationClassAug/{id}.png and VOC_ROOT/ImageSets/Segmentation/aug.txt (10 582 ids on the
-        full data: SBD train+val and VOC train, minus VOC val), as mmsegmentation's voc_aug.py does.
-Then    vilseg eval --preset voc21 --data VOC_ROOT --model ViT-B-16 --pretrained openai --method dense
+Writes  VOC_ROOT/SegmentationClassAug/{id}.png and, named as mmsegmentation's voc_aug.py names them,
+        VOC_ROOT/ImageSets/Segmentation/trainaug.txt (10 582 ids on the full data: SBD train+val and VOC train,
+        minus VOC val) and aug.txt (9 118 ids: SBD train+val minus VOC train and val).
+Then    vilseg eval --preset voc21 --data VOC_ROOT --model ViT-B-16-quickgelu --pretrained openai --protocol sclip --dense sclip
 The conversion is `vilseg.prep.check_voc` / `vilseg.prep.sbd_to_voc` (nbs/15_prep.ipynb).
 """
 import argparse, json, sys

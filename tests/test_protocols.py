@@ -248,7 +248,7 @@ def _script(name, *args):
 def test_data_prep_scripts_end_to_end(tmp_path):
     import zipfile
     from vilseg.segdata import read_label, VOCSegmentation, PascalContext, CocoStuff, ADE20K
-    # VOC + SBD aug: SBD's GTcls.Segmentation .mat files become PNGs; aug = SBD train+val + VOC train - VOC val
+    # VOC + SBD aug: SBD's GTcls.Segmentation .mat files become PNGs; trainaug = SBD train+val + VOC train - VOC val
     voc = write_voc(tmp_path / 'VOC2012')
     (voc / 'ImageSets' / 'Segmentation' / 'train.txt').write_text('2007_000042\n')
     sbd = tmp_path / 'benchmark_RELEASE' / 'dataset'; (sbd / 'cls').mkdir(parents=True)
@@ -257,8 +257,8 @@ def test_data_prep_scripts_end_to_end(tmp_path):
         savemat(sbd / 'cls' / f'{i}.mat', {'GTcls': {'Segmentation': regions([15, 1, 0]).astype(np.uint8)}})
     st = _script('voc.py', '--voc-root', voc, '--sbd', sbd.parent)
     # 2007_000033 has a VOC label (VOC's wins); both VOC ids are in val, so aug keeps the two SBD-only ids
-    assert st['val']['images'] == 2 and st['aug']['aug'] == 2 and st['aug']['sbd'] == 2
-    assert (voc / 'ImageSets' / 'Segmentation' / 'aug.txt').read_text().split() == ['2008_000001', '2008_000002']
+    assert st['val']['images'] == 2 and st['aug']['trainaug'] == 2 and st['aug']['sbd'] == 2
+    assert (voc / 'ImageSets' / 'Segmentation' / 'trainaug.txt').read_text().split() == ['2008_000001', '2008_000002']
     assert read_label(voc / 'SegmentationClassAug' / '2008_000002.png')[0, :3].tolist() == [15, 15, 15]
     # PASCAL Context from the official .mat files
     t = tmp_path / 'ctx_src'; t.mkdir()

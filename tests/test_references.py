@@ -6,7 +6,7 @@
   `nn.MultiheadAttention` with a diagonal mask, its MLP, the model's `forward` with `output_tokens`), not from ours;
 - QuickGELU weights files (vilseg.encoders.create_clip) and the OpenAI TorchScript converter (data_prep/openai_clip.py).
 """
-import math, subprocess, sys, warnings
+import json, math, subprocess, sys, warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +164,85 @@ def test_openai_torchscript_converter(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'openai_clip.py'), str(tmp_path / 'micro.pt'),
                         str(tmp_path / 'other.pt')], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and 'TorchScript' in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ benchmark labels
+def _script(name, *args):
+    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / name), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return r
+
+
+def test_coco_object_from_stuffthingmaps_as_groupvit(tmp_path):
+    """GroupViT convert_dataset/convert_coco_object.py: thing value v -> its rank + 1 among the 80 thing ids, every
+    stuff value and unlabeled (255) -> 0, no 255. The table is written here from COCO's 80 thing ids."""
+    from PIL import Image
+    from vilseg.segdata import CocoObject, read_label
+    thing_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]   # COCO's 80 thing ids
+    assert len(thing_ids) == 80
+    table = {cid - 1: rank + 1 for rank, cid in enumerate(thing_ids)}            # stored value = id - 1
+    table.update({v: 0 for v in list(range(91, 182)) + [255]})                  # stuff, unlabeled
+    values = sorted(table)                                                       # every value a real map holds
+    # a hand-made map: a person (thing), a crowd of people (in stuffthingmaps just more 'person' pixels), stuff
+    # (grass, id 124), unlabeled, then one pixel of every valid value
+    a = np.full((24, 20), 123, np.uint8); a[:4, :5] = 0; a[4:8, :5] = 0; a[8:12, :5] = 255; a[:4, 5:10] = 17
+    flat = a.reshape(-1); flat[-len(values):] = values
+    maps = tmp_path / 'stuffthingmaps' / 'val2017'; maps.mkdir(parents=True)
+    Image.fromarray(a).save(maps / '000000000139.png')
+    (tmp_path / 'coco' / 'val2017').mkdir(parents=True)
+    Image.new("RGB", (20, 24)).save(tmp_path / 'coco' / 'val2017' / '000000000139.jpg')
+    r = _script('coco_object.py', '--maps', maps, '--images', tmp_path / 'coco' / 'val2017', '--out', tmp_path / 'obj', '--quiet')
+    assert r.returncode == 0, r.stderr
+    got = read_label(tmp_path / 'obj' / 'annotations' / 'val2017' / '000000000139_instanceTrainIds.png').numpy()
+    want = np.vectorize(table.get)(a)
+    assert np.array_equal(got, want) and got.max() == 80 and 255 not in got
+    assert got[0, 0] == 1 and got[5, 0] == 1 and got[0, 6] == 17 and got[9, 0] == 0 and got[0, 12] == 0
+    ds = CocoObject(tmp_path / 'obj'); assert ds.class_names[17] == ['dog'] and int(ds[0]['label'][0, 6]) == 17
+    # a value no COCO category uses is refused, with the file named
+    a[0, 0] = 11; Image.fromarray(a).save(maps / '000000000139.png')
+    r = _script('coco_object.py', '--maps', maps, '--out', tmp_path / 'obj2', '--quiet')
+    assert r.returncode == 1 and '000000000139.png' in r.stderr
+
+
+def test_context_split_from_detail_json(tmp_path):
+    """mmseg tools/dataset_converters/pascal_context.py: the split is the Detail API json's images of that phase
+    (sorted); a listed image without a .mat file is left out and named."""
+    from scipy.io import savemat
+    from PIL import Image
+    from vilseg.segdata import CONTEXT59
+    voc = tmp_path / 'VOC2010'; (voc / 'ImageSets' / 'Main').mkdir(parents=True); (voc / 'JPEGImages').mkdir()
+    (voc / 'ImageSets' / 'Main' / 'val.txt').write_text('2008_000002\n2008_000003\n2008_000009\n')   # 3 ids (VOC's list)
+    ann = tmp_path / 'trainval'; ann.mkdir()
+    (tmp_path / 'labels.txt').write_text('\n'.join(f'{10 + k}: {syn[0]}' for k, syn in enumerate(CONTEXT59)))
+    for i in ('2008_000002', '2008_000003'):
+        savemat(ann / f'{i}.mat', {'LabelMap': np.full((4, 5), 10, np.uint16)}); Image.new('RGB', (5, 4)).save(voc / 'JPEGImages' / f'{i}.jpg')
+    detail = dict(images=[dict(image_id=1, file_name='2008_000003.jpg', phase='val'), dict(image_id=2, file_name='2008_000002.jpg', phase='val'),
+                          dict(image_id=3, file_name='2008_000004.jpg', phase='train'), dict(image_id=4, file_name='2008_000005.jpg', phase='val')])
+    (tmp_path / 'trainval_merged.json').write_text(json.dumps(detail))
+    r = _script('pascal_context.py', '--voc2010', voc, '--annotations', ann, '--labels', tmp_path / 'labels.txt',
+                '--out', tmp_path / 'pc', '--splits', 'val', '--detail-json', tmp_path / 'trainval_merged.json', '--quiet')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out['images'] == {'val': 2} and out['dropped'] == {'val': ['2008_000005']} and '2008_000005' in r.stderr
+    assert (tmp_path / 'pc' / 'ImageSets' / 'SegmentationContext' / 'val.txt').read_text().split() == ['2008_000002', '2008_000003']
+    # without the json: VOC 2010's Main list, the image without .mat named
+    r = _script('pascal_context.py', '--voc2010', voc, '--annotations', ann, '--labels', tmp_path / 'labels.txt',
+                '--out', tmp_path / 'pc2', '--splits', 'val', '--quiet')
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])['dropped'] == {'val': ['2008_000009']}
+
+
+def test_sbd_lists_named_as_mmseg(tmp_path):
+    "mmseg tools/dataset_converters/voc_aug.py: trainaug.txt = SBD train+val + VOC train - VOC val; aug.txt = SBD - VOC train - VOC val."
+    from scipy.io import savemat
+    from vilseg.prep import sbd_to_voc
+    from PIL import Image
+    voc = tmp_path / 'VOC2012'; seg = voc / 'ImageSets' / 'Segmentation'; seg.mkdir(parents=True); (voc / 'SegmentationClass').mkdir()
+    seg.joinpath('train.txt').write_text('t1\nt2\n'); seg.joinpath('val.txt').write_text('v1\n')
+    for i in ('t1', 't2', 'v1'): Image.fromarray(np.zeros((3, 4), np.uint8)).save(voc / 'SegmentationClass' / f'{i}.png')
+    sbd = tmp_path / 'benchmark_RELEASE' / 'dataset'; (sbd / 'cls').mkdir(parents=True)
+    sbd.joinpath('train.txt').write_text('s1\nt1\nv1\n'); sbd.joinpath('val.txt').write_text('s2\n')
+    for i in ('s1', 't1', 'v1', 's2'): savemat(sbd / 'cls' / f'{i}.mat', {'GTcls': {'Segmentation': np.ones((3, 4), np.uint8)}})
+    st = sbd_to_voc(sbd.parent, voc, progress=False)
+    sbd_all, train, val = {'s1', 't1', 'v1', 's2'}, {'t1', 't2'}, {'v1'}
+    assert set(seg.joinpath('trainaug.txt').read_text().split()) == (sbd_all | train) - val
+    assert set(seg.joinpath('aug.txt').read_text().split()) == sbd_all - train - val
+    assert st['trainaug'] == 4 and st['aug'] == 2

@@ -246,3 +246,114 @@ def test_sbd_lists_named_as_mmseg(tmp_path):
     assert set(seg.joinpath('trainaug.txt').read_text().split()) == (sbd_all | train) - val
     assert set(seg.joinpath('aug.txt').read_text().split()) == sbd_all - train - val
     assert st['trainaug'] == 4 and st['aug'] == 2
+
+
+# ------------------------------------------------------------------------------------------------ protocols by reference
+def _sclip_reference(logits, query_idx, logit_scale, prob_thd, area_thd):
+    """SCLIP clip_segmentor.py `postprocess_result`, written here in numpy: softmax over queries at the logit scale;
+    max over each class's queries; classes 1.. whose argmax area is <= area_thd x the foreground-predicted area are
+    zeroed; argmax; below prob_thd -> 0."""
+    z = logits * logit_scale
+    p = np.exp(z - z.max(0)); p /= p.sum(0)
+    C = max(query_idx) + 1
+    P = np.zeros((C,) + p.shape[1:])
+    for q, c in enumerate(query_idx): P[c] = np.maximum(P[c], p[q])
+    if area_thd is not None:
+        arg = P.argmax(0)
+        area = np.array([(arg == c).sum() for c in range(1, C)], float)
+        P[1:] *= (area > area_thd * area.sum())[:, None, None]
+    pred = P.argmax(0)
+    pred[P.max(0) < prob_thd] = 0
+    return pred
+
+
+def test_sclip_background_rule_on_handmade_scores():
+    "vilseg.protocols.sclip_decision equals the reference rule: background words as queries, max over names, prob_thd, area_thd."
+    from vilseg.protocols import sclip_decision
+    # classes: 0 background (queries 0, 1: 'sky', 'wall'), 1 cat (query 2), 2 person (queries 3, 4: 'person', 'person in shirt')
+    qc = [0, 0, 1, 2, 2]
+    s = np.full((5, 6, 10), 0.20, np.float32)
+    s[2, :, :5] = 0.30                         # cat on the left half
+    s[4, :, 5:] = 0.29; s[3, :, 5:] = 0.21    # person on the right, through its second name (max over names)
+    s[0, 0, :] = 0.35                          # sky along the top row: background through a background word
+    s[2, 5, 0] = 0.90                          # a confident cat pixel
+    s[:, 5, 9] = 0.25                          # a tie between all queries: every probability 0.2 -> background by prob_thd 0.3
+    s[3, 3, 7] = 0.60                          # a lone strong 'person' pixel inside the person region
+    t = torch.from_numpy(s)
+    for scale, pthd, athd in ((65, 0.1, 0.1), (65, 0.3, None), (40, 0.0, None), (50, 0.1, 0.45), (50, 0.1, 0.505)):
+        ours = sclip_decision(t, qc, 3, scale, pthd, athd).numpy()
+        ref = _sclip_reference(s.astype(np.float64), qc, scale, pthd, athd)
+        assert np.array_equal(ours, ref), (scale, pthd, athd)
+    ours = sclip_decision(t, qc, 3, 65, 0.3, None).numpy()
+    assert (ours[0] == 0).all() and ours[2, 0] == 1 and ours[2, 7] == 2 and ours[5, 9] == 0
+    # area_thd: cat holds 25 of the 49 foreground-predicted pixels, person 24 (0.49): at 0.505 person is dropped
+    assert ((sclip_decision(t, qc, 3, 50, 0.1, 0.45).numpy() == 2).sum(), (sclip_decision(t, qc, 3, 50, 0.1, 0.505).numpy() == 2).sum()) == (24, 0)
+
+
+EXPECTED = {   # preset -> (short side, window, stride, logit scale, prob_thd, area_thd), from SCLIP's configs/cfg_*.py
+    'voc21': (336, 224, 112, 65, 0.1, 0.1), 'voc20': (336, 224, 112, 40, 0.0, None),
+    'context60': (336, 224, 112, 50, 0.1, None), 'context59': (336, 224, 112, 40, 0.0, None),
+    'coco_object': (336, 224, 112, 50, 0.1, None), 'coco_stuff171': (448, 224, 112, 40, 0.0, None),
+    'ade150': (336, 224, 112, 40, 0.0, None)}
+
+
+def test_protocol_variants_match_their_cards():
+    "Each variant's settings on every preset, written here from the reference files, and each card naming those files."
+    from vilseg.protocols import get_protocol, PROTOCOL_VARIANTS, protocol_cards, TEMPLATE_SETS, get_templates
+    from vilseg.segdata import read_class_names
+    cards = protocol_cards()
+    for f in ('configs/cfg_*.py', 'clip_segmentor.py', 'configs/cls_*.txt', 'prompts/imagenet_template.py',
+              'segmentation/configs/_base_/datasets/*.py', 'segmentation/evaluation/tcl_seg.py', 'configs/eval.yml',
+              'datasets/templates.py', 'models/tcl/tcl.py', 'us/misc.py'):
+        assert f in cards, f
+    for b, (short, win, stride, scale, pthd, athd) in EXPECTED.items():
+        p = get_protocol(b, 'sclip')
+        assert (p.short_side, p.window, p.stride, p.prob_scale, p.prob_thd, p.area_thd) == (short, win, stride, scale, pthd, athd), b
+        assert (p.resize, p.pixel_norm, p.synonyms, p.bg_rule, p.pamr_iters, p.templates) == ('mmseg', 'clip', 'max', 'query', 0, 'imagenet80')
+        names = read_class_names(p.class_names_file, unique=False)
+        assert Path(p.class_names_file).parent.name == 'sclip'
+        t = get_protocol(b, 'tcl')
+        assert (t.short_side, t.window, t.stride, t.resize, t.pixel_norm, t.bg_rule, t.bg_threshold, t.score_map) == \
+            (448, 448, 224, 'mmseg', 'imagenet', 'constant', 0.4, 'tcl_kp'), b
+        assert t.pamr_iters == 10 and tuple(t.pamr_dilations) == (1, 2, 4, 8, 12, 24) and len(get_templates(t.templates)) == 9
+        assert all(len(c) == 1 for c in read_class_names(t.class_names_file))          # the datasets' single names
+    # SCLIP's background queries: 26 stuff words for VOC21 and COCO-Object, 'background' for Context60
+    bgw = read_class_names(get_protocol('voc21', 'sclip').class_names_file, unique=False)[0]
+    assert len(bgw) == 26 and bgw[0] == 'sky' and bgw[-1] == 'fence'
+    assert read_class_names(get_protocol('coco_object', 'sclip').class_names_file, unique=False)[0] == bgw
+    assert read_class_names(get_protocol('context60', 'sclip').class_names_file, unique=False)[0] == ['background']
+    assert read_class_names(get_protocol('voc20', 'sclip').class_names_file, unique=False)[14][:2] == ['person', 'person in shirt']
+    assert read_class_names(get_protocol('voc20', 'tcl').class_names_file)[10] == ['diningtable']
+    assert TEMPLATE_SETS['tcl'][-1] == 'a photo of {}s.'
+    v = get_protocol('voc21', 'vilseg')
+    assert v == get_protocol('voc21') and (v.short_side, v.bg_rule, v.bg_score, v.bg_threshold, v.prob_scale) == (448, 'threshold', 'prob', 0.1, 100.0)
+    assert set(PROTOCOL_VARIANTS) == {'vilseg', 'sclip', 'tcl'}
+
+
+@pytest.fixture(scope='module')
+def quickgelu_file(tmp_path_factory):
+    torch.manual_seed(0)
+    f = tmp_path_factory.mktemp('w') / 'vitb16_quickgelu.pt'
+    torch.save({k: v.half() for k, v in open_clip.create_model('ViT-B-16-quickgelu', pretrained=None).state_dict().items()}, f)
+    return f
+
+
+@pytest.mark.parametrize('protocol,dense', [('sclip', 'sclip'), ('tcl', 'maskclip')])
+def test_cli_reference_protocol_end_to_end(tmp_path, quickgelu_file, protocol, dense):
+    "`vilseg eval --model ViT-B-16-quickgelu --pretrained FILE --preset voc21 --protocol P --dense D` on the official-format VOC fixture."
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from test_protocols import write_voc
+    root = write_voc(tmp_path / 'VOC2012')
+    cmd = [str(Path(sys.executable).parent / 'vilseg'), 'eval', '--model', 'ViT-B-16-quickgelu', '--pretrained', str(quickgelu_file),
+           '--preset', 'voc21', '--data', str(root), '--protocol', protocol, '--dense', dense, '--max-images', '1',
+           '--out-dir', str(tmp_path / 'ev'), '--progress', 'false']
+    if protocol == 'sclip': cmd += ['--templates', 'short']       # 56 queries x 80 templates would take minutes on 2 cores
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env={**__import__('os').environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'QuickGELU' not in r.stderr
+    got = json.loads(r.stdout)
+    assert got['protocol'] == protocol and got['dense'] == dense and got['n_images'] == 1 and 0 <= got['miou'] <= 1
+    saved = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+    want = (336, 224, 112) if protocol == 'sclip' else (448, 448, 224)
+    assert (saved['protocol']['short_side'], saved['protocol']['window'], saved['protocol']['stride']) == want
+    assert saved['protocol']['variant'] == protocol and len(saved['per_class_iou']) == 21

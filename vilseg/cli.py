@@ -16,22 +16,13 @@ from .train import TrainConfig, train
 from .vilseg import ViLSeg, ViLSegConfig
 from .world import WorldConfig
 from .zeroshot import ZeroShotConfig
+from .protocols import load_model, PROTOCOL_VARIANTS   # load_model lives below the CLI (protocols)
+from .encoders import DENSE_READOUTS, DENSE_ALIASES
 
 # %% auto #0
-__all__ = ['load_model', 'main']
+__all__ = ['main']
 
 # %% ../nbs/14_cli.ipynb #c003
-def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
-    "A trained `ViLSeg` and its training config from a checkpoint written by `train`."
-    ck = load_checkpoint(checkpoint, map_location='cpu')
-    if not isinstance(ck, dict) or 'config' not in ck or 'model' not in ck:
-        raise VilsegDataError(checkpoint, 'not a vilseg training checkpoint (no model/config); use open_clip models via create_clip')
-    cfg = TrainConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(TrainConfig)}})
-    if 'refine_iters' not in ck['config']: cfg.refine_iters = 0   # a run from before the clusters' refit: its own read-out (and threshold)
-    mcfg = cfg.model_config(); mcfg.pretrained = None        # the checkpoint holds every weight
-    model = ViLSeg(mcfg); model.load_state_dict(ck['model']); model.eval().to(device)
-    return model, ck['config']
-
 def _bool(s): return str(s).lower() in ('1', 'true', 'yes', 'y')
 
 def _steps(s):
@@ -85,7 +76,10 @@ def main(argv=None):
     e.add_argument('--data', default='data/world', help='data root in the layout of the preset (see data_prep/)')
     e.add_argument('--split', default=None, help="default: the preset's validation split")
     e.add_argument('--method', default=None, choices=['cluster', 'dense'], help='default: cluster for a checkpoint, dense for --model')
-    e.add_argument('--dense', default=None, choices=['tokens', 'value'], help="patch features; 'value' = MaskCLIP's trick (default: the checkpoint's own, else tokens)")
+    e.add_argument('--dense', default=None, choices=[*DENSE_READOUTS, *DENSE_ALIASES], help="patch features: tokens, maskclip, clearclip (= value), "
+                   "sclip (see 05_encoders; default: the checkpoint's own, else tokens)")
+    e.add_argument('--protocol', default=None, choices=list(PROTOCOL_VARIANTS), help="evaluate as a reference's code does (default: the preset as it is, 'vilseg')")
+    e.add_argument('--list-protocols', action='store_true', help="print each protocol's card (every value and its reference file) and exit")
     e.add_argument('--bg-threshold', type=float, default=None, help="default: calibrated in training (world) or the preset's")
     e.add_argument('--thresholds', type=float, nargs='*', default=None, help='also sweep these background thresholds')
     for k, t in (('short-side', int), ('window', int), ('stride', int)):
@@ -143,15 +137,16 @@ def main(argv=None):
         found = {names[i][0]: int((lab == i).sum()) for i in np.unique(lab)}
         print(json.dumps({'mask': a.out, 'pixels': found}))
     elif a.cmd == 'eval':
-        from vilseg.protocols import evaluate_run
+        from vilseg.protocols import evaluate_run, protocol_cards
+        if a.list_protocols: print(protocol_cards()); return
         ov = {k: (None if v == 0 else v) for k in ('short_side', 'window', 'stride') if (v := getattr(a, k)) is not None}
         if a.templates: ov['templates'] = a.templates
         if not a.checkpoint and not a.model: ap.error('eval needs --checkpoint or --model')
         r = evaluate_run(a.checkpoint, a.model, a.pretrained, a.preset, a.data, a.split, a.method, a.dense, a.bg_threshold,
                          a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, refine=a.refine,
-                         pamr_iters=a.pamr, **ov)
+                         pamr_iters=a.pamr, protocol=a.protocol, **ov)
         res = {'miou': r['miou'], 'aacc': r['aacc'], 'macc': r['macc'], 'bg_threshold': r['bg_threshold'], 'method': r['method'],
-               'preset': a.preset, 'n_images': r['n_images'], 'images_per_second': round(r['images_per_second'], 3),
+               'preset': a.preset, 'protocol': r['protocol']['variant'], 'dense': r['dense'], 'n_images': r['n_images'], 'images_per_second': round(r['images_per_second'], 3),
                'iou': {c: (None if v != v else float(v)) for c, v in zip(r['class_names'], r['iou'])}}
         if 'sweep' in r: res['sweep'] = r['sweep']
         if a.out: atomic_write_json(a.out, res)

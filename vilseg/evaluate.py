@@ -28,16 +28,26 @@ def _stack_or_none(items):
     shapes = {tuple(it['image'].shape) for it in items}
     return torch.stack([it['image'] for it in items]) if len(shapes) == 1 else None
 
-def _resize_short(x: torch.Tensor, short_side: int) -> torch.Tensor:
-    "uint8 `Bx3xHxW` -> shorter side `short_side`, aspect kept (bilinear, antialiased, as mmseg's keep-ratio `Resize`)."
-    return TF.resize(x, short_side, antialias=True)
+def _resize_short(x: torch.Tensor, short_side: int, mode: str = 'antialias', long_max: int = 2048) -> torch.Tensor:
+    """uint8 `Bx3xHxW` -> shorter side `short_side`, aspect kept. `mode='antialias'`: torchvision's bilinear with
+    antialiasing (long side truncated); `'mmseg'`: mmcv's keep-ratio rescale as mmseg's `Resize(scale=(long_max,
+    short_side), keep_ratio=True)` computes it (factor min(long_max / long, short_side / short), sides rounded) with
+    plain bilinear interpolation (cv2's, no antialiasing; equal to it up to cv2's fixed-point rounding)."""
+    if mode == 'antialias': return TF.resize(x, short_side, antialias=True)
+    if mode != 'mmseg': raise ValueError(f"resize mode must be 'antialias' or 'mmseg', got {mode!r}")
+    h, w = x.shape[-2:]
+    f = min(long_max / max(h, w), short_side / min(h, w))
+    size = (int(h * f + 0.5), int(w * f + 0.5))
+    if size == (h, w): return x
+    return F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
 
 @torch.no_grad()
 def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index: int | None = 0,
              bg_threshold: float = 0.0, thresholds=None, batch_size: int = 32, max_images: int | None = None,
              templates=None, window: int | None = None, stride: int | None = None, short_side: int | None = None,
              bg_score: str = 'cosine', prob_scale: float | None = None, dense: str | None = None, device='cpu',
-             progress: bool = True, seen=None, unseen=None) -> dict:
+             progress: bool = True, seen=None, unseen=None, queries=None, decide=None, resize: str = 'antialias',
+             pixel_mean=None, pixel_std=None) -> dict:
     """mIoU of `model` on `dataset` (items with uint8 `image` and `label`). With `thresholds`, sweeps the
     background threshold and returns `sweep` (threshold -> mIoU) and the metrics at `bg_threshold`.
 
@@ -45,14 +55,20 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
     back to the label's resolution (bilinear) before the argmax. `window`/`stride`: sliding window on the
     (resized) image. `bg_score`: the background threshold applies to the best foreground 'cosine' score, or
     to the best softmax 'prob'ability over the foreground classes at `prob_scale` (default: the model's
-    logit scale), as in MaskCLIP/SCLIP-style evaluation."""
+    logit scale), as in MaskCLIP/SCLIP-style evaluation.
+
+    A reference's own decision rule: `queries` (the text queries scored, default the foreground class names) and
+    `decide` (`Q x H x W` scores at the label's size -> `H x W` class indices) replace the background rule above
+    (see `12_protocols`). `resize`: 'antialias' or 'mmseg' (see `_resize_short`). `pixel_mean`/`pixel_std`
+    (0..1 scale): normalise the pixels with these instead of CLIP's (after the resize, as mmseg's pipeline)."""
+    if decide is not None and thresholds: raise ValueError('a decision rule (decide) has no background-threshold sweep')
     class_names = class_names or dataset.class_names
     C = len(class_names)
     if bg_index is not None and not 0 <= bg_index < C: raise ValueError(f'bg_index={bg_index} is not a class index (0..{C - 1})')
     if bg_score not in ('cosine', 'prob'): raise ValueError(f"bg_score must be 'cosine' or 'prob', got {bg_score!r}")
     fg_idx = torch.tensor([i for i in range(C) if i != bg_index])
     fg_names = [class_names[i] for i in fg_idx.tolist()]
-    ths = sorted(set([float(bg_threshold)] + [float(t) for t in (thresholds or [])])) if bg_index is not None else [None]
+    ths = sorted(set([float(bg_threshold)] + [float(t) for t in (thresholds or [])])) if bg_index is not None and decide is None else [None]
     cms = {t: ConfusionMatrix(C, seen=seen, unseen=unseen) for t in ths}
     model.eval()
     scale = float(prob_scale) if prob_scale is not None else float(model.clip.logit_scale.exp()) if bg_score == 'prob' else 1.0
@@ -66,13 +82,17 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
         for x in groups:
             size = x.shape[-2:]
             x = x.to(device)
-            if short_side: x = _resize_short(x, short_side)
+            if short_side: x = _resize_short(x, short_side, resize)
+            if pixel_mean is not None:
+                x = (x.float() / 255 - torch.tensor(pixel_mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(pixel_std, device=x.device).view(1, 3, 1, 1)
             kw = dict(method=method, bg_index=None, templates=templates, dense=dense)
-            s = slide_scores(model, x, fg_names, window, stride, **kw) if window else model.scores(x, fg_names, **kw)
+            q = queries if queries is not None else fg_names
+            s = slide_scores(model, x, q, window, stride, **kw) if window else model.scores(x, q, **kw)
             if s.shape[-2:] != size: s = F.interpolate(s, size=size, mode='bilinear', align_corners=False)
             S += list(s)
         for s, it in zip(S, items):
             lab = it['label'].to(s.device)
+            if decide is not None: cms[None].update(decide(s), lab); continue
             if bg_score == 'prob': s = (scale * s).softmax(0)
             best, arg = s.max(0)
             pred = fg_idx.to(s.device)[arg]
@@ -80,7 +100,7 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
         bar.update(len(items))
     bar.close()
     dt = time.perf_counter() - t0
-    key = float(bg_threshold) if bg_index is not None else None
+    key = float(bg_threshold) if bg_index is not None and decide is None else None
     res = cms[key].compute(); res['bg_threshold'] = key; res['n_images'] = n; res['method'] = method
     res['seconds'] = dt; res['images_per_second'] = n / max(dt, 1e-9)
     if bg_index is not None and len(ths) > 1:

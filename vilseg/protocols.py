@@ -4,19 +4,21 @@
 
 # %% ../nbs/12_protocols.ipynb #c002
 from __future__ import annotations
-import json, sys
+import inspect, json, sys
 from dataclasses import dataclass, replace, asdict, fields
 from pathlib import Path
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from .core import atomic_write_json, atomic_write_text
-from .segdata import load_benchmark, read_class_names, VOCStyleSegmentation
+from .core import atomic_write_json, atomic_write_text, load_checkpoint, VilsegDataError
+from .segdata import load_benchmark, read_class_names, class_names_file, VOCStyleSegmentation
 from .vilseg import ViLSeg, ViLSegConfig, WORLD_TEMPLATES
 from .evaluate import evaluate
+from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['TEMPLATE_SETS', 'PRESETS', 'get_templates', 'Protocol', 'get_protocol', 'protocol_dataset', 'clip_baseline',
-           'run_protocol', 'write_results', 'calibrated_threshold', 'evaluate_run']
+__all__ = ['TEMPLATE_SETS', 'PRESETS', 'IMAGENET_MEAN_STD', 'PROTOCOL_VARIANTS', 'get_templates', 'Protocol', 'get_protocol',
+           'protocol_cards', 'protocol_dataset', 'clip_baseline', 'sclip_decision', 'constant_decision',
+           'protocol_queries', 'run_protocol', 'write_results', 'load_model', 'calibrated_threshold', 'evaluate_run']
 
 # %% ../nbs/12_protocols.ipynb #c003
 def _format_strings(fns) -> list[str]:
@@ -25,7 +27,10 @@ def _format_strings(fns) -> list[str]:
 
 TEMPLATE_SETS = {'imagenet80': _format_strings(OPENAI_IMAGENET_TEMPLATES),
                  'short': _format_strings(SIMPLE_IMAGENET_TEMPLATES),
-                 'world': list(WORLD_TEMPLATES)}
+                 'world': list(WORLD_TEMPLATES),
+                 # TCL's `custom` set (kakaobrain/tcl datasets/templates.py: sub_imagenet_template + two; configs/eval.yml)
+                 'tcl': ['itap of a {}.', 'a bad photo of a {}.', 'a origami {}.', 'a photo of the large {}.', 'a {} in a video game.',
+                         'art of the {}.', 'a photo of the small {}.', 'a photo of many {}.', 'a photo of {}s.']}
 
 def get_templates(name_or_list) -> list[str]:
     "A template set by name, or a list of `{}` templates (checked)."
@@ -52,12 +57,27 @@ class Protocol:
     bg_threshold: float = 0.1
     prob_scale: float | None = 100.0  # softmax scale for 'prob'; None: the model's own logit scale
     class_names_file: str | None = None
+    # the fields below let a protocol follow a reference's code (see the variants); their defaults are vilseg's own
+    variant: str = 'vilseg'           # the key of PROTOCOL_VARIANTS this protocol was made with
+    resize: str = 'antialias'         # 'antialias' (torchvision) or 'mmseg' (mmcv's keep-ratio rescale, no antialiasing)
+    pixel_norm: str = 'clip'          # 'clip' or 'imagenet' mean/std
+    synonyms: str = 'average'         # 'average': one embedding per class; 'max': each name its own query, max over a class's names
+    bg_rule: str = 'threshold'        # 'threshold' (bg_score < bg_threshold), 'query' (SCLIP: background is a query), 'constant' (TCL: a constant score)
+    prob_thd: float = 0.0             # 'query': pixels whose best probability is below it become background
+    area_thd: float | None = None     # 'query': classes predicted on less than this share of the foreground pixels are dropped
+    score_map: str = 'cosine'         # 'constant': the score compared with the constant: 'cosine' or 'tcl_kp' (sigmoid(10 (s - 0.25)))
+    pamr_iters: int | None = None     # PAMR steps set by the protocol (None: the model's own)
+    pamr_dilations: tuple | None = None
 
     def describe(self) -> str:
         inf = f'slide {self.window}/{self.stride}' if self.window else 'whole image'
         rs = f'short side {self.short_side}' if self.short_side else 'native size'
-        bg = f'background if {self.bg_score} < {self.bg_threshold}' if self.background else 'no background class'
-        return f'{self.name}: {self.benchmark}, {rs}, {inf}, {self.templates} templates, {bg}'
+        if not self.background: bg = 'no background class'
+        elif self.bg_rule == 'threshold': bg = f'background if {self.bg_score} < {self.bg_threshold}'
+        elif self.bg_rule == 'query': bg = f'background as a query (prob_thd {self.prob_thd}, area_thd {self.area_thd})'
+        else: bg = f'background = constant {self.bg_threshold} vs {self.score_map}'
+        extra = '' if self.variant == 'vilseg' else f', synonyms {self.synonyms}, logit scale {self.prob_scale}, {self.pixel_norm} pixels'
+        return f'{self.name} [{self.variant}]: {self.benchmark}, {rs}, {inf}, {self.templates} templates, {bg}{extra}'
 
 _REAL = dict(short_side=448, window=448, stride=224, templates='imagenet80')
 PRESETS = {
@@ -72,19 +92,97 @@ PRESETS = {
                       background=True, bg_score='cosine', bg_threshold=0.3, prob_scale=None),
 }
 
-def get_protocol(name: str | Protocol, **overrides) -> Protocol:
-    "A preset by name (or a `Protocol`), with fields overridden; unknown names and fields are errors."
+def get_protocol(name: str | Protocol, variant: str | None = None, **overrides) -> Protocol:
+    "A preset by name (or a `Protocol`), made by protocol `variant` (see `PROTOCOL_VARIANTS`), with fields overridden."
     p = name if isinstance(name, Protocol) else PRESETS.get(name)
     if p is None: raise ValueError(f'unknown protocol preset {name!r}; known: {list(PRESETS)}')
+    if variant is not None and variant != p.variant:
+        if variant not in PROTOCOL_VARIANTS: raise ValueError(f'unknown protocol {variant!r}; known: {list(PROTOCOL_VARIANTS)}')
+        p = replace(PRESETS[p.name] if p.name in PRESETS else p, **PROTOCOL_VARIANTS[variant](p))
     known = {f.name for f in fields(Protocol)}
     bad = sorted(set(overrides) - known)
     if bad: raise ValueError(f'unknown protocol field(s) {bad}; fields: {sorted(known)}')
     p = replace(p, **overrides)
     if p.bg_score not in ('prob', 'cosine'): raise ValueError(f"bg_score must be 'prob' or 'cosine', got {p.bg_score!r}")
+    for f, ok in (('resize', ('antialias', 'mmseg')), ('pixel_norm', ('clip', 'imagenet')), ('synonyms', ('average', 'max')),
+                  ('bg_rule', ('threshold', 'query', 'constant')), ('score_map', ('cosine', 'tcl_kp'))):
+        if getattr(p, f) not in ok: raise ValueError(f'{f} must be one of {ok}, got {getattr(p, f)!r}')
+    if p.bg_rule == 'threshold' and p.synonyms != 'average': raise ValueError("the threshold rule averages synonyms (synonyms='average')")
     if p.window is not None and (p.stride is None or not 0 < p.stride <= p.window):
         raise ValueError(f'{p.name}: the sliding window needs 0 < stride <= window (window={p.window}, stride={p.stride})')
     get_templates(p.templates)
     return p
+
+# %% ../nbs/12_protocols.ipynb #c007w
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+def _vilseg(p: Protocol) -> dict:
+    """**vilseg**: the workbook's own protocol (the presets as they are).
+    - resize: short side 448, torchvision bilinear with antialiasing; slide 448 / 224 (TCL's sizes: segmentation/configs/_base_/datasets/*.py)
+    - templates: CLIP's 80 ImageNet templates (open_clip `OPENAI_IMAGENET_TEMPLATES`), synonyms averaged into one embedding
+    - class names: vilseg/classes/*.txt (the benchmark's names with a few synonyms)
+    - background: softmax over the foreground classes at scale 100, background where the top probability is below 0.1
+      (no reference uses this rule; the world preset thresholds the cosine, calibrated in training)
+    - pixels: CLIP's mean/std; PAMR: the model's own setting"""
+    return {}
+
+_SCLIP_SCALE = {'voc21': 65, 'context60': 50, 'coco_object': 50}   # configs/cfg_{voc21,context60,coco_object}.py; default 40
+_SCLIP_PROB = {'voc21': 0.1, 'context60': 0.1, 'coco_object': 0.1}  # same files; clip_segmentor.py default 0.0
+_SCLIP_AREA = {'voc21': 0.1}                                           # configs/cfg_voc21.py; default None
+_SCLIP_SHORT = {'coco_stuff171': 448}                                  # configs/cfg_coco_stuff164k.py; the others 336
+
+def _sclip(p: Protocol) -> dict:
+    """**sclip**: SCLIP (Wang et al., ECCV 2024) as its code evaluates (github.com/wangf3014/SCLIP).
+    - resize: short side 336 (448 for coco_stuff171), long side at most 2048, keep ratio, mmcv bilinear without
+      antialiasing: configs/cfg_*.py `Resize(scale=(2048, 336), keep_ratio=True)` (cfg_coco_stuff164k.py: 448)
+    - slide: window 224, stride 112: clip_segmentor.py `slide_crop=224, slide_stride=112` (defaults no config changes)
+    - templates: OpenAI's 80 ImageNet templates, per template normalised, averaged, renormalised: prompts/imagenet_template.py,
+      clip_segmentor.py `__init__`
+    - class names: configs/cls_*.txt (vilseg/classes/sclip/): each name its own query; after the softmax over all
+      queries, the max over a class's names: clip_segmentor.py `get_cls_idx`, `postprocess_result`
+    - background: a query: line 1 of cls_voc21.txt and cls_coco_object.txt (26 stuff words), 'background' in cls_context60.txt
+    - logit scale: 65 voc21, 50 context60 and coco_object, 40 otherwise: configs/cfg_*.py `logit_scale`, clip_segmentor.py default 40
+    - prob_thd: 0.1 on voc21, context60, coco_object, else 0: configs/cfg_*.py `prob_thd` (pixels below it -> class 0)
+    - area_thd: 0.1 on voc21, else none: configs/cfg_voc21.py; a class predicted on at most this share of the
+      foreground-predicted pixels has its probabilities zeroed: clip_segmentor.py `postprocess_result`
+    - pixels: CLIP's mean/std: clip_segmentor.py `SegDataPreProcessor`; PAMR: off (`pamr_steps=0`)
+    - dense read-out: not part of the protocol; SCLIP's model is `--dense sclip` (clip/model.py `csa=True`)"""
+    if p.benchmark == 'world': raise ValueError('the sclip protocol is defined for the real benchmarks, not the world preset')
+    b = p.benchmark
+    return dict(variant='sclip', short_side=_SCLIP_SHORT.get(b, 336), window=224, stride=112, templates='imagenet80',
+                resize='mmseg', pixel_norm='clip', class_names_file=str(class_names_file(b, 'sclip')), synonyms='max',
+                bg_rule='query', prob_scale=float(_SCLIP_SCALE.get(b, 40)), prob_thd=_SCLIP_PROB.get(b, 0.0),
+                area_thd=_SCLIP_AREA.get(b), score_map='cosine', pamr_iters=0, pamr_dilations=None)
+
+def _tcl(p: Protocol) -> dict:
+    """**tcl**: TCL (Cha et al., CVPR 2023) as its code evaluates (github.com/kakaobrain/tcl).
+    - resize: short side 448, long side at most 2048, keep ratio, mmcv bilinear: segmentation/configs/_base_/datasets/*.py `img_scale=(2048, 448)`
+    - slide: window 448, stride 224: the same files, `test_cfg = dict(mode='slide', stride=(224, 224), crop_size=(448, 448))`
+    - templates: TCL's `custom` set of 9: datasets/templates.py, configs/eval.yml `template: custom`. TCL averages
+      the unnormalised template embeddings (models/tcl/tcl.py `build_text_embedding`); ours normalise each first
+      (not reproduced: a small difference in the class embedding)
+    - class names: the datasets' `CLASSES`, one name a class (vilseg/classes/mmseg/: mmseg 0.x datasets, TCL
+      segmentation/datasets/coco_object.py and pascal_voc.py), background not a query:
+      segmentation/evaluation/builder.py `build_seg_inference`
+    - background: a constant score 0.4 next to the class scores, then argmax: segmentation/evaluation/tcl_seg.py,
+      configs/eval.yml `bg_thresh: 0.4` (with PAMR; TCL's README: 0.5 without PAMR, i.e. `--pamr 0 --bg-threshold 0.5`)
+    - score: TCL's masks come from its trained decoder; for a CLIP model the protocol uses TCL's own fixed mapping of
+      CLIP (MaskCLIP) similarity to a mask, sigmoid(10 (s - 0.25)): models/tcl/tcl.py `kp_branch`
+    - PAMR: 10 steps, dilations 1, 2, 4, 8, 12, 24: models/tcl/tcl.py `apply_pamr`, configs/eval.yml `pamr: true`
+      (ours runs at each window's pixel size, TCL's at its mask's resolution)
+    - pixels: ImageNet mean/std: segmentation/configs/_base_/datasets/*.py `img_norm_cfg`, us/misc.py `DEFAULT_MEAN`
+    - dense read-out: TCL's CLIP features are MaskCLIP's, `--dense maskclip` (configs/tcl.yml `ie_ignore_last_attn: true`)"""
+    if p.benchmark == 'world': raise ValueError('the tcl protocol is defined for the real benchmarks, not the world preset')
+    return dict(variant='tcl', short_side=448, window=448, stride=224, templates='tcl', resize='mmseg', pixel_norm='imagenet',
+                class_names_file=str(class_names_file(p.benchmark, 'mmseg')), synonyms='average', bg_rule='constant',
+                bg_threshold=0.4, score_map='tcl_kp', prob_scale=None, prob_thd=0.0, area_thd=None, pamr_iters=10,
+                pamr_dilations=(1, 2, 4, 8, 12, 24))
+
+PROTOCOL_VARIANTS = {'vilseg': _vilseg, 'sclip': _sclip, 'tcl': _tcl}
+
+def protocol_cards() -> str:
+    "Every protocol variant's card (its docstring: each value with the reference file it comes from), for `vilseg eval --list-protocols`."
+    return '\n\n'.join(f'--protocol {k}\n' + inspect.cleandoc(f.__doc__) for k, f in PROTOCOL_VARIANTS.items())
 
 # %% ../nbs/12_protocols.ipynb #c009
 def protocol_dataset(p: Protocol, root, split: str | None = None):
@@ -96,11 +194,11 @@ def protocol_dataset(p: Protocol, root, split: str | None = None):
         ds = load_benchmark(p.benchmark, root, split)
     names = ds.class_names
     if p.class_names_file:
-        names = read_class_names(p.class_names_file)
+        names = read_class_names(p.class_names_file, unique=p.bg_rule == 'threshold')
         if len(names) != len(ds.class_names):
             raise ValueError(f'{p.class_names_file}: {len(names)} classes, but {p.benchmark} has {len(ds.class_names)}')
     bg = 0 if p.background else None
-    if p.background and names[0][0] != 'background' and p.benchmark != 'world':
+    if p.background and p.bg_rule == 'threshold' and names[0][0] != 'background' and p.benchmark != 'world':
         raise ValueError(f'{p.name}: expected class 0 to be background, got {names[0]}')
     return ds, names, bg
 
@@ -110,6 +208,43 @@ def clip_baseline(model: str = 'ViT-B-16', pretrained: str | None = None, device
     return m.eval().to(device)
 
 # %% ../nbs/12_protocols.ipynb #c011
+def sclip_decision(scores, query_class, num_classes: int, logit_scale: float, prob_thd: float = 0.0,
+                   area_thd: float | None = None):
+    """SCLIP's `postprocess_result` (clip_segmentor.py): `scores` `Q x H x W` cosines of the queries, `query_class[q]`
+    the class of query q -> `H x W` class indices. Softmax over the queries at `logit_scale`, max over each class's
+    queries; `area_thd`: a foreground class (1..) predicted on at most that share of the foreground-predicted pixels
+    is zeroed; `prob_thd`: pixels whose best probability is below it become class 0."""
+    import torch
+    qc = torch.as_tensor(query_class, device=scores.device)
+    p = (logit_scale * scores).softmax(0)
+    P = torch.stack([p[qc == c].max(0).values for c in range(num_classes)])
+    if area_thd is not None:
+        area = torch.bincount(P.argmax(0).flatten(), minlength=num_classes)[1:].float()
+        P[1:] = P[1:] * (area > area_thd * area.sum()).to(P.dtype).view(-1, 1, 1)
+    pred = P.argmax(0)
+    return torch.where(P.max(0).values < prob_thd, torch.zeros_like(pred), pred)
+
+def constant_decision(scores, query_class, num_classes: int, bg_score: float | None, score_map: str = 'cosine'):
+    """TCL's rule (segmentation/evaluation/tcl_seg.py): class scores (max over a class's queries; `score_map='tcl_kp'`:
+    sigmoid(10 (s - 0.25)), TCL's `kp_branch`), a constant `bg_score` as class 0 when given, argmax."""
+    import torch
+    if score_map == 'tcl_kp': scores = torch.sigmoid(10.0 * (scores - 0.25))
+    qc = torch.as_tensor(query_class, device=scores.device)
+    first = 1 if bg_score is not None else 0
+    S = torch.stack([scores[qc == c].max(0).values for c in range(first, num_classes)])
+    if bg_score is not None: S = torch.cat([torch.full_like(S[:1], bg_score), S])
+    return S.argmax(0)
+
+def protocol_queries(p: Protocol, names) -> tuple[list, list[int]]:
+    "The text queries of protocol `p` for class names `names` and the class of each (`synonyms`; background a query or not)."
+    skip = 1 if (p.background and p.bg_rule == 'constant') else 0
+    queries, qc = [], []
+    for c, syn in enumerate(names):
+        if c < skip: continue
+        if p.synonyms == 'max': queries += [[n] for n in syn]; qc += [c] * len(syn)
+        else: queries.append(list(syn)); qc.append(c)
+    return queries, qc
+
 def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster', dense: str | None = None,
                  split: str | None = None, max_images: int | None = None, thresholds=None, device='cpu',
                  progress: bool = True, seen=None, unseen=None, **overrides) -> dict:
@@ -117,11 +252,29 @@ def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster',
     p = get_protocol(protocol, **overrides)
     dense = dense or getattr(getattr(model, 'cfg', None), 'dense_features', 'tokens')   # the model's own patch embeddings
     ds, names, bg = protocol_dataset(p, root, split)
-    r = evaluate(model, ds, class_names=names, method=method, bg_index=bg, bg_threshold=p.bg_threshold,
-                 thresholds=thresholds, batch_size=1 if p.short_side or p.window else 32, max_images=max_images,
-                 templates=get_templates(p.templates), window=p.window, stride=p.stride, short_side=p.short_side,
-                 bg_score=p.bg_score, prob_scale=p.prob_scale, dense=dense, device=device, progress=progress,
-                 seen=seen, unseen=unseen)
+    kw = {}
+    if p.bg_rule != 'threshold':
+        queries, qc = protocol_queries(p, names)
+        if p.bg_rule == 'query':
+            decide = lambda s: sclip_decision(s, qc, len(names), p.prob_scale, p.prob_thd if p.background else 0.0,
+                                              p.area_thd if p.background else None)
+        else:
+            decide = lambda s: constant_decision(s, qc, len(names), p.bg_threshold if p.background else None, p.score_map)
+        kw = dict(queries=queries, decide=decide)
+    if p.pixel_norm == 'imagenet': kw.update(pixel_mean=IMAGENET_MEAN_STD[0], pixel_std=IMAGENET_MEAN_STD[1])
+    cfg = getattr(model, 'cfg', None)
+    saved = (cfg.pamr_iters, cfg.pamr_dilations) if cfg is not None and hasattr(cfg, 'pamr_iters') else None
+    if saved is not None and p.pamr_iters is not None:
+        cfg.pamr_iters = p.pamr_iters
+        if p.pamr_dilations: cfg.pamr_dilations = tuple(p.pamr_dilations)
+    try:
+        r = evaluate(model, ds, class_names=names, method=method, bg_index=bg, bg_threshold=p.bg_threshold,
+                     thresholds=thresholds, batch_size=1 if p.short_side or p.window else 32, max_images=max_images,
+                     templates=get_templates(p.templates), window=p.window, stride=p.stride, short_side=p.short_side,
+                     bg_score=p.bg_score, prob_scale=p.prob_scale, dense=dense, device=device, progress=progress,
+                     seen=seen, unseen=unseen, resize=p.resize, **kw)
+    finally:
+        if saved is not None: cfg.pamr_iters, cfg.pamr_dilations = saved
     r['protocol'] = asdict(p); r['dense'] = dense; r['class_names'] = [n[0] for n in names]
     r['data'] = str(root); r['split'] = ds.split
     return r
@@ -149,6 +302,17 @@ def write_results(result: dict, out_dir, plot: bool = True) -> dict:
     return paths
 
 # %% ../nbs/12_protocols.ipynb #c013
+def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
+    "A trained `ViLSeg` and its training config from a checkpoint written by `train`."
+    ck = load_checkpoint(checkpoint, map_location='cpu')
+    if not isinstance(ck, dict) or 'config' not in ck or 'model' not in ck:
+        raise VilsegDataError(checkpoint, 'not a vilseg training checkpoint (no model/config); use open_clip models via create_clip')
+    cfg = TrainConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(TrainConfig)}})
+    if 'refine_iters' not in ck['config']: cfg.refine_iters = 0   # a run from before the clusters' refit: its own read-out (and threshold)
+    mcfg = cfg.model_config(); mcfg.pretrained = None        # the checkpoint holds every weight
+    model = ViLSeg(mcfg); model.load_state_dict(ck['model']); model.eval().to(device)
+    return model, ck['config']
+
 def calibrated_threshold(checkpoint, method: str) -> float | None:
     "The background threshold calibrated at the end of training (the run's metrics.json), or None."
     m = Path(checkpoint).parent / 'metrics.json'
@@ -160,14 +324,14 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
                  data='data/world', split: str | None = None, method: str | None = None, dense: str | None = None,
                  bg_threshold: float | None = None, thresholds=None, max_images: int | None = None, out_dir=None,
                  overwrite: bool = False, device='cpu', progress: bool = True, refine: int | None = None, pamr_iters: int | None = None,
-                 **overrides) -> dict:
+                 protocol: str | None = None, **overrides) -> dict:
     """Evaluate a checkpoint or an open_clip model with a preset; write metrics.json, per_class.csv/png to `out_dir`.
     `refine`: EM steps refitting a checkpoint's clusters to each image (default: the checkpoint's own `refine_iters`).
-    `pamr_iters`: steps refining the scores by the image (PAMR; default: the checkpoint's own, 0 for an open_clip model)."""
+    `pamr_iters`: steps refining the scores by the image (PAMR; default: the protocol's, else the checkpoint's own, 0 for an
+    open_clip model). `protocol`: a `PROTOCOL_VARIANTS` name (default: the preset as it is, i.e. 'vilseg')."""
     from vilseg.core import make_run_dir
     if out_dir is not None: make_run_dir(out_dir, overwrite=overwrite)     # refuse before spending the time
     if checkpoint:
-        from vilseg.cli import load_model
         m, _ = load_model(checkpoint, device)
         method = method or 'cluster'
         run_refine = m.cfg.refine_iters
@@ -182,7 +346,7 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
     if pamr_iters is not None:
         if pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {pamr_iters}')
         m.cfg.pamr_iters = pamr_iters
-    p = get_protocol(preset)
+    p = get_protocol(preset, protocol)
     if bg_threshold is None and checkpoint and p.benchmark == 'world':
         bg_threshold = calibrated_threshold(checkpoint, method)
         if bg_threshold is None:   # stderr: `vilseg eval` prints its JSON on stdout
@@ -194,6 +358,7 @@ def evaluate_run(checkpoint=None, model: str = 'ViT-B-16', pretrained: str | Non
             print(f'warning: the threshold {bg_threshold} was calibrated with pamr_iters={run_pamr}, not {m.cfg.pamr_iters}; '
                   'pass --bg-threshold or sweep with --thresholds', file=sys.stderr)
     if bg_threshold is not None: overrides['bg_threshold'] = float(bg_threshold)
+    if pamr_iters is not None and p.pamr_iters is not None: overrides['pamr_iters'] = pamr_iters   # the command line wins
     r = run_protocol(m, p, data, method=method, dense=dense, split=split, max_images=max_images,
                      thresholds=thresholds, device=device, progress=progress, **overrides)
     r['checkpoint'] = str(checkpoint) if checkpoint else None

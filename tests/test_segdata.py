@@ -231,11 +231,11 @@ def test_coco_object_script(coco):
     r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'coco_object.py'), '--help'],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and '--coco-root' in r.stdout and '--split' in r.stdout and '--out' in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'coco_object.py'), '--coco-root', str(coco),
+    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'coco_object.py'), '--from', 'instances', '--coco-root', str(coco),
                         '--split', 'val2017', '--quiet'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert CocoObject(coco, 'val2017')[0]['label'].tolist() == COCO_EXPECTED   # images/val2017 was linked
-    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'coco_object.py'), '--coco-root', str(coco),
+    r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / 'coco_object.py'), '--from', 'instances', '--coco-root', str(coco),
                         '--split', 'train2017'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and 'train2017' in r.stderr
 

@@ -4,7 +4,12 @@ and how that compares with the rest of the read-out on the embedded world (`--wo
 `evaluate` with and without PAMR on the val split).
 
     .venv/bin/python bench/bench_pamr.py                       # 64 px x 16 classes (the world), 448 px x 20 (a VOC window)
-    .venv/bin/python bench/bench_pamr.py --world runs/demo/checkpoint.pt"""
+    .venv/bin/python bench/bench_pamr.py --world runs/demo/checkpoint.pt
+    .venv/bin/python bench/bench_pamr.py --world runs/demo/checkpoint.pt --scales 1 0.25   # PAMR's placement, side by side
+
+With `--scales`, each placement (`pamr_scale`: 1 = the input size, 0.25 = TCL's quarter size) is evaluated in the same
+process on the val split at the background threshold calibrated for it on the train split's calibration images, for
+both read-outs (clusters and dense), with the seconds per image of the whole read-out."""
 import argparse, json, time
 import torch
 from vilseg.clustering import pamr
@@ -18,6 +23,9 @@ ap.add_argument('--repeats', type=int, default=5)
 ap.add_argument('--threads', type=int, default=torch.get_num_threads())
 ap.add_argument('--world', default=None, help='a checkpoint: also time evaluate() on data/world val with and without PAMR')
 ap.add_argument('--data', default='data/world')
+ap.add_argument('--scales', type=float, nargs='+', default=None, help='with --world: compare PAMR at these fractions of the input size')
+ap.add_argument('--val-images', type=int, default=500)
+ap.add_argument('--calib-images', type=int, default=200)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 if not len(a.sizes) == len(a.classes) == len(a.batch): ap.error('--sizes, --classes and --batch need one value each per size')
@@ -33,7 +41,22 @@ for size, C, B in zip(a.sizes, a.classes, a.batch):
     rows.append({'size': size, 'classes': C, 'batch': B, 'iters': a.iters, 'ms_per_image': round(ms, 2)})
     print(json.dumps(rows[-1]), flush=True)
 
-if a.world:
+if a.world and a.scales:
+    from vilseg.cli import load_model
+    from vilseg.segdata import VOCStyleSegmentation
+    from vilseg.evaluate import evaluate, calibrate_threshold
+    m, _ = load_model(a.world); val, calib = VOCStyleSegmentation(a.data, 'val'), VOCStyleSegmentation(a.data, 'train')
+    m.cfg.pamr_iters = a.iters
+    for method in ('cluster', 'dense'):
+        for sc in [None] + list(a.scales):                    # None: no PAMR
+            m.cfg.pamr_iters, m.cfg.pamr_scale = (0, 1.0) if sc is None else (a.iters, sc)
+            th, _ = calibrate_threshold(m, calib, method=method, max_images=a.calib_images, progress=False)
+            t = time.perf_counter()
+            r = evaluate(m, val, method=method, bg_threshold=th, max_images=a.val_images, progress=False)
+            print(json.dumps({'method': method, 'pamr': 'off' if sc is None else f'{a.iters} steps at {sc:g}x',
+                              'bg_threshold': th, 'val_miou': round(float(r['miou']), 4), 'images': r['n_images'],
+                              'ms_per_image': round((time.perf_counter() - t) / r['n_images'] * 1000, 2)}), flush=True)
+elif a.world:
     from vilseg.cli import load_model
     from vilseg.segdata import VOCStyleSegmentation
     from vilseg.evaluate import evaluate

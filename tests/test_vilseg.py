@@ -69,9 +69,11 @@ def test_two_process_noun_contrast_sees_all_ranks(tmp_path):
     for r in range(2): emb[r, :len(WORDS[r])] = F.normalize(torch.randn(len(WORDS[r]), 8), dim=-1)
     out = torch.zeros(2, 3).share_memory_()
     mp.spawn(_noun_worker, args=(2, str(tmp_path / 'init'), img, emb, out), nprocs=2, join=True)
-    # every rank computes the loss of the whole global batch against every rank's prompts
-    full = multi_label_contrast_loss(img, NOUNS[0] + NOUNS[1], torch.cat([emb[0, :len(WORDS[0])], emb[1, :len(WORDS[1])]]),
-                                     WORDS[0] + WORDS[1], torch.tensor(10.))
+    # every rank computes the loss of the whole global batch against the distinct prompts of all ranks: a word on both
+    # ranks ('star', 'ring') is one prompt, rank 0's copy (the first rank that has it)
+    extra = [i for i, w in enumerate(WORDS[1]) if w not in WORDS[0]]
+    full = multi_label_contrast_loss(img, NOUNS[0] + NOUNS[1], torch.cat([emb[0, :len(WORDS[0])], emb[1, extra]]),
+                                     WORDS[0] + [WORDS[1][i] for i in extra], torch.tensor(10.))
     assert torch.allclose(out[:, 0], full.expand(2), atol=1e-5)
     assert (out[:, 1] > 0).all() and (out[:, 2] > 0).all(), 'gradients reach each rank\'s images and prompts'
 

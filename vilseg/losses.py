@@ -12,8 +12,8 @@ from open_clip.loss import ClipLoss
 
 # %% auto #0
 __all__ = ['STOPWORDS', 'NOUN_PARSES', 'cross_modal_loss', 'attentive_cross_modal_loss', 'gather_nograd', 'vision_contrast_loss',
-           'iic_loss', 'caption_words', 'build_noun_vocab', 'NounExtractor', 'lse_pool', 'multi_label_contrast_loss',
-           'bank_distill_loss']
+           'iic_loss', 'caption_words', 'build_noun_vocab', 'NounExtractor', 'gather_prompts', 'lse_pool',
+           'multi_label_contrast_loss', 'bank_distill_loss']
 
 # %% ../nbs/06_losses.ipynb #c004
 def _world():
@@ -60,11 +60,20 @@ def vision_contrast_loss(local: torch.Tensor, target: torch.Tensor, temperature:
     return F.cross_entropy(logits, labels)
 
 # %% ../nbs/06_losses.ipynb #c013
-def iic_loss(q1: torch.Tensor, q2: torch.Tensor, lamb: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
-    "`q1`, `q2`: `NxK` soft assignments of corresponding samples -> negative (generalised) mutual information."
+def iic_loss(q1: torch.Tensor, q2: torch.Tensor, lamb: float = 1.0, eps: float = 1e-8, gather: bool = True) -> torch.Tensor:
+    """`q1`, `q2`: `NxK` soft assignments of corresponding samples -> negative (generalised) mutual information.
+    Under DDP with `gather=True` the joint distribution is that of all ranks' samples (sums all-reduced with
+    gradient before normalising): each rank returns the same global loss. Reference: IIC's `IID_loss`
+    (xu-ji/IIC, `code/utils/cluster/IID_losses.py`), with `lamb` its `lamb` and the clamp at `eps`."""
     K = q1.shape[-1]
     q1, q2 = q1.float().reshape(-1, K), q2.float().reshape(-1, K)     # fp32 even under bf16 autocast
-    P = q1.T @ q2 / q1.shape[0]
+    P, n = q1.T @ q2, q1.new_tensor(float(q1.shape[0]))
+    rank, ws = _world()
+    if gather and ws > 1:
+        import torch.distributed.nn.functional as dnn
+        P = dnn.all_reduce(P)                                          # K x K sums of all ranks, gradient included
+        dist.all_reduce(n)
+    P = P / n
     P = ((P + P.T) / 2).clamp_min(eps)
     P = P / P.sum()
     Pi, Pj = P.sum(1, keepdim=True), P.sum(0, keepdim=True)
@@ -136,6 +145,19 @@ def _gather_var_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     parts = _gather_with_grad(pad).split(m)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
+def gather_prompts(prompts: list[str], emb: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The distinct prompts of the global batch: each rank's distinct `prompts` and their `UxD` embeddings
+    all-gathered (with gradients), each word kept once, at its first occurrence in rank order. One process:
+    returned as given. A word's embedding is the same on every rank (same weights, same prompt), so keeping
+    one copy gives the single-process loss; the dropped copies get a zero gradient."""
+    if len(set(prompts)) != len(prompts): raise ValueError(f'prompts must be distinct within a rank, got {list(prompts)}')
+    parts = _gather_objects(list(prompts))
+    if len(parts) == 1: return list(prompts), emb
+    t = _gather_var_with_grad(emb, [len(p) for p in parts])
+    first = {}
+    for i, w in enumerate(w for p in parts for w in p): first.setdefault(w, i)
+    return list(first), t.index_select(0, torch.tensor(list(first.values()), dtype=torch.long, device=t.device))
+
 def lse_pool(sim: torch.Tensor, tau: float) -> torch.Tensor:
     "`B x N x U` patch–prompt similarities -> `B x U`: tau * log mean_p exp(s_p / tau), between the mean (large tau) and the max (tau -> 0)."
     if tau <= 0: raise ValueError(f'tau must be > 0, got {tau}')
@@ -146,15 +168,14 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
     """`img` `BxD` normalised image embeddings, or `BxNxD` normalised patch embeddings (then each image–prompt
     similarity is the log-sum-exp over patches at temperature `tau`, `lse_pool`); `nouns[i]` the words of caption
     i; `prompts` the distinct words of this rank's batch and `prompt_emb` their normalised prompt embeddings
-    (`UxD`). Returns the multi-positive contrast above (0 when no caption has a noun): `mode='soft'` GroupViT's
+    (`UxD`; under DDP de-duplicated over ranks by `gather_prompts`). Returns the multi-positive contrast above (0 when no caption has a noun): `mode='soft'` GroupViT's
     soft-target cross-entropy (every positive counts), `'any'` the log of the summed positive probability (one
     positive suffices)."""
     if mode not in ('soft', 'any'): raise ValueError(f"mode must be 'soft' or 'any', got {mode!r}")
     if img.dim() not in (2, 3): raise ValueError(f'img must be BxD or BxNxD, got shape {tuple(img.shape)}')
-    prompt_parts = _gather_objects(list(prompts))
-    g, t = _gather_with_grad(img), _gather_var_with_grad(prompt_emb, [len(part) for part in prompt_parts])
+    all_prompts, t = gather_prompts(prompts, prompt_emb)              # the global batch's distinct words, once each
+    g = _gather_with_grad(img)
     all_nouns = [set(n) for part in _gather_objects(list(map(list, nouns))) for n in part]
-    all_prompts = [p for part in prompt_parts for p in part]
     pos = torch.tensor([[p in ns for p in all_prompts] for ns in all_nouns], dtype=torch.bool, device=g.device)
     if pos.numel() == 0 or not pos.any(): return img.sum() * 0.0 + prompt_emb.sum() * 0.0
     logits = logit_scale * (g @ t.T if g.dim() == 2 else lse_pool(g @ t.T, tau))
@@ -170,9 +191,17 @@ def multi_label_contrast_loss(img: torch.Tensor, nouns: list[list[str]], prompt_
     return (li + lt) / 2
 
 # %% ../nbs/06_losses.ipynb #c021
-def bank_distill_loss(prompt_emb: torch.Tensor, bank_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def bank_distill_loss(prompt_emb: torch.Tensor, bank_emb: torch.Tensor, logit_scale: torch.Tensor,
+                      prompts: list[str] | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between `UxD` normalised prompt embeddings and the `UxD` normalised bank vectors of the same
-    `U` nouns (row `u` of each is noun `u`); the bank is detached. 0 (with a graph) for `U < 2`: one noun has no negative."""
+    `U` nouns (row `u` of each is noun `u`, the word `prompts[u]`); the bank is detached. With `prompts`, under DDP the
+    distinct nouns of all ranks are distilled (`gather_prompts`); without, each rank's own. 0 (with a graph) for
+    fewer than 2 nouns: one noun has no negative. Reference: open_clip `loss.py` `ClipLoss` (here with world_size 1
+    on the gathered rows)."""
     if prompt_emb.shape != bank_emb.shape: raise ValueError(f'prompt and bank embeddings differ in shape: {tuple(prompt_emb.shape)} vs {tuple(bank_emb.shape)}')
-    if prompt_emb.shape[0] < 2: return prompt_emb.sum() * 0.0 + bank_emb.sum() * 0.0
-    return ClipLoss()(prompt_emb, bank_emb.detach(), logit_scale)     # open_clip's InfoNCE, world_size=1: rank-local
+    p, b = prompt_emb, bank_emb
+    if prompts is not None:
+        if len(prompts) != p.shape[0]: raise ValueError(f'{len(prompts)} prompts for {p.shape[0]} embeddings')
+        (_, p), (_, b) = gather_prompts(prompts, p), gather_prompts(prompts, b)
+    if p.shape[0] < 2: return prompt_emb.sum() * 0.0 + bank_emb.sum() * 0.0
+    return ClipLoss()(p, b.detach(), logit_scale)      # open_clip's InfoNCE over the (global, distinct) rows

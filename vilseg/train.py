@@ -60,6 +60,8 @@ class TrainConfig:
     refine_tau: float = 0.02
     pamr_iters: int = 0               # read-out only: steps refining the score maps by the image (PAMR, 07_clustering)
     pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    pamr_scale: float = 1.0           # read-out only: PAMR at this fraction of the input size (0.25: TCL's placement)
+    bn_stats: str = 'global'          # BatchNorm running statistics from the global views only ('all': every training forward)
     noun_min_count: int = 20
     # views (see ViewConfig)
     image_size: int = 64
@@ -196,7 +198,7 @@ def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch
             if 'pair' not in v: raise ValueError('refit_head needs paired views: build the dataset with ViewConfig(pair=True)')
             with torch.no_grad():                                           # the head groups the final tokens (as in training)
                 zg, zp = (image_features(model.clip, v[k].to(device))['patches'] for k in ('global', 'pair'))
-            loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device))
+            loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device), gather=False)   # rank 0 alone
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
             losses.append(float(loss.detach()))
         return losses
@@ -224,7 +226,7 @@ def _unwrap(m): return m.module if hasattr(m, 'module') else m
 # settings that may differ between a run and its resumption; any other change is refused
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
                      'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr',
-                     'refine_iters', 'refine_tau', 'pamr_iters', 'pamr_dilations'}
+                     'refine_iters', 'refine_tau', 'pamr_iters', 'pamr_dilations', 'pamr_scale'}
 def _norm(v): return list(v) if isinstance(v, tuple) else v
 
 def _trim_to_common_batch(batch: dict, ws: int) -> int:

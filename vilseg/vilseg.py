@@ -4,11 +4,12 @@
 
 # %% ../nbs/08_vilseg.ipynb #c006
 from __future__ import annotations
-import copy
+import contextlib, copy
 from dataclasses import dataclass, asdict, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch_to
 
 from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, bank_distill_loss, NounExtractor, NOUN_PARSES
@@ -16,7 +17,7 @@ from .clustering import ClusterHead, cluster_embeddings, refine_assignments, pam
 from .views import align_to_pair, normalize
 
 # %% auto #0
-__all__ = ['WORLD_TEMPLATES', 'SIMPLE_TEMPLATES', 'ViLSegConfig', 'ViLSeg']
+__all__ = ['WORLD_TEMPLATES', 'SIMPLE_TEMPLATES', 'ViLSegConfig', 'frozen_bn_stats', 'ViLSeg']
 
 # %% ../nbs/08_vilseg.ipynb #c007
 WORLD_TEMPLATES = ['a {}.', 'a picture of a {}.', 'there is a {}.', 'a {} on a cluttered background.', 'photo of a {}.']
@@ -50,6 +51,8 @@ class ViLSegConfig:
     refine_tau: float = 0.02          # their temperature
     pamr_iters: int = 0               # read-out: steps refining the score maps by the image's colours (PAMR, 07_clustering; 0: off)
     pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    pamr_scale: float = 1.0           # read-out: PAMR runs at this fraction of the input size (1: the input size; 0.25: TCL's placement)
+    bn_stats: str = 'global'          # which training forwards update BatchNorm running statistics: 'global' (the global views only) or 'all'
 
 # %% ../nbs/08_vilseg.ipynb #c008
 def _as_names(class_names) -> list[list[str]]:
@@ -65,6 +68,17 @@ def _load_noun_bank(module, state_dict, prefix, *args):
         raise ValueError(f'the checkpoint has a noun bank of {tuple(w.shape)}, this model one of {tuple(module.noun_bank.weight.shape)}: '
                          'another noun vocabulary (other captions, noun_parse or noun_min_count)')
 
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module):
+    """Within the block, the BatchNorm layers of `module` normalise by the batch's own statistics (as in training) but leave
+    their running statistics and counts unchanged (`track_running_stats` off for the block). Outputs and gradients are
+    those of a training forward; only the statistics that evaluation uses are kept out of it."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns: m.track_running_stats = False
+    try: yield
+    finally:
+        for m in bns: m.track_running_stats = True
+
 class ViLSeg(nn.Module):
     def __init__(self, cfg: ViLSegConfig | None = None, **kw):
         super().__init__()
@@ -78,6 +92,8 @@ class ViLSeg(nn.Module):
         if cfg.refine_iters < 0 or cfg.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {cfg.refine_iters}, {cfg.refine_tau}')
         if cfg.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {cfg.cluster_images}')
         if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")
+        if cfg.bn_stats not in ('global', 'all'): raise ValueError(f"bn_stats must be 'global' or 'all', got {cfg.bn_stats!r}")
+        if not 0 < cfg.pamr_scale <= 1: raise ValueError(f'pamr_scale must be in (0, 1], got {cfg.pamr_scale}')
         if cfg.noun_bank and cfg.lambda_nouns <= 0: raise ValueError(f'noun_bank=True needs the noun contrast (lambda_nouns > 0), got lambda_nouns={cfg.lambda_nouns}')
         self.clip, self.tokenizer = create_clip(cfg.model, cfg.pretrained)
         if cfg.dense_features == 'value' and not len(getattr(getattr(self.clip.visual, 'transformer', None), 'resblocks', [])):
@@ -107,154 +123,180 @@ class ViLSeg(nn.Module):
     def _make_bank(self, n: int, dim: int):
         self.noun_bank = nn.Embedding(n, dim, device=self.clip.logit_scale.device)
 
-    # ---- training -------------------------------------------------------------------------------
-    def forward(self, batch: dict, step: int | None = None) -> dict:
-        "Losses for one batch: dict with `loss` (to backprop) and each term (detached floats for logging)."
-        cfg, clip = self.cfg, self.clip
-        self._text_cache.clear()
-        g = batch['global']
-        patches_needed = cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn' or (cfg.lambda_nouns > 0 and cfg.noun_pool == 'patches')
-        fg = image_features(clip, g, dense=cfg.dense_features if patches_needed else 'none')
-        img = F.normalize(fg['global'], dim=-1)
-        tokens = batch['tokens'] if 'tokens' in batch else self.tokenizer(batch['caption']).to(g.device)
-        txt = encode_text(clip, tokens, normalize=True)
-        scale = clip.logit_scale.exp()
-        if cfg.cross_pool == 'attn':
-            out = {'cross': attentive_cross_modal_loss(F.normalize(fg['patches'].flatten(1, 2), dim=-1), txt, scale, cfg.attn_temperature)}
-        elif cfg.cross_pool == 'mean':
-            out = {'cross': cross_modal_loss(img, txt, scale)}
-        else: raise ValueError(f"cross_pool must be 'mean' or 'attn', got {cfg.cross_pool!r}")
-        loss = out['cross']
-        if cfg.lambda_nouns > 0:
-            if self.nouns is None: raise RuntimeError('lambda_nouns > 0 needs a noun vocabulary: call set_noun_vocab (train does)')
-            if 'caption' not in batch: raise ValueError("lambda_nouns > 0 needs the batch's 'caption' strings")
-            nouns = [self.nouns(c) for c in batch['caption']]
-            words = sorted({w for ns in nouns for w in ns})
-            pe = encode_text(clip, self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
-                if words else txt[:0]              # no nouns on this rank: an empty slice that keeps the graph (DDP's gathers stay in step)
-            src = img if cfg.noun_pool == 'image' else F.normalize(fg['patches'].flatten(1, 2), dim=-1)
-            out['nouns'] = multi_label_contrast_loss(src, nouns, pe, words, scale, mode=cfg.noun_loss, tau=cfg.noun_tau)
-            loss = loss + cfg.lambda_nouns * out['nouns']
-            if cfg.noun_bank:
-                if self.noun_bank is None: raise RuntimeError('noun_bank=True needs a noun vocabulary: call set_noun_vocab (train does)')
-                idx = torch.tensor([self._bank_index[w] for w in words], dtype=torch.long, device=g.device)
-                be = F.normalize(self.noun_bank(idx), dim=-1)
-                out['nouns_bank'] = multi_label_contrast_loss(src, nouns, be, words, scale, mode=cfg.noun_loss, tau=cfg.noun_tau)
-                out['bank_distill'] = bank_distill_loss(pe, be, scale)
-                loss = loss + cfg.lambda_nouns * (out['nouns_bank'] + out['bank_distill'])
-        if cfg.lambda_vision > 0 and 'local' in batch:
-            B, m = batch['local'].shape[:2]
-            loc = image_features(clip, batch['local'].flatten(0, 1), dense='none')['global']
-            loc = F.normalize(loc, dim=-1).view(B, m, -1)
-            if self.teacher is not None:
-                with torch.no_grad(): tgt = F.normalize(self._teacher_global(g), dim=-1)
-            else: tgt = img.detach()
-            out['vision'] = vision_contrast_loss(loc, tgt, cfg.vision_temperature)
-            loss = loss + cfg.lambda_vision * out['vision']
-        if cfg.lambda_cluster > 0 and 'pair' in batch:
-            w = cfg.lambda_cluster * (1.0 if not cfg.cluster_warmup or step is None else min(1.0, step / cfg.cluster_warmup))
-            n = cfg.cluster_images or g.shape[0]                                 # a subset (per process under DDP): the paired forward is a fifth of a step
-            zg = fg.get('tokens', fg['patches'])[:n]                           # the head groups the final tokens
-            if cfg.cluster_detach:
-                zg = zg.detach()
-                with torch.no_grad(): zp = image_features(clip, batch['pair'][:n])['patches']
-            else:
-                zp = image_features(clip, batch['pair'][:n])['patches']
-            out['cluster'] = self.cluster_loss(zg, zp, batch['pair_box'][:n], batch['pair_flip'][:n])
-            loss = loss + w * out['cluster']      # added even at weight 0, so that DDP sees the head in the graph
-        out = {k: v.detach() for k, v in out.items()}
-        out['loss'] = loss; out['logit_scale'] = scale.detach()
-        return out
+# %% ../nbs/08_vilseg.ipynb #t001
+@patch_to(ViLSeg)
+def forward(self, batch: dict, step: int | None = None) -> dict:
+    "Losses for one batch: dict with `loss` (to backprop) and each term (detached floats for logging)."
+    cfg, clip = self.cfg, self.clip
+    self._text_cache.clear()
+    g = batch['global']
+    patches_needed = cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn' or (cfg.lambda_nouns > 0 and cfg.noun_pool == 'patches')
+    fg = image_features(clip, g, dense=cfg.dense_features if patches_needed else 'none')
+    img = F.normalize(fg['global'], dim=-1)
+    tokens = batch['tokens'] if 'tokens' in batch else self.tokenizer(batch['caption']).to(g.device)
+    txt = encode_text(clip, tokens, normalize=True)
+    scale = clip.logit_scale.exp()
+    if cfg.cross_pool == 'attn':
+        out = {'cross': attentive_cross_modal_loss(F.normalize(fg['patches'].flatten(1, 2), dim=-1), txt, scale, cfg.attn_temperature)}
+    elif cfg.cross_pool == 'mean':
+        out = {'cross': cross_modal_loss(img, txt, scale)}
+    else: raise ValueError(f"cross_pool must be 'mean' or 'attn', got {cfg.cross_pool!r}")
+    loss = out['cross']
+    if cfg.lambda_nouns > 0:
+        if self.nouns is None: raise RuntimeError('lambda_nouns > 0 needs a noun vocabulary: call set_noun_vocab (train does)')
+        if 'caption' not in batch: raise ValueError("lambda_nouns > 0 needs the batch's 'caption' strings")
+        nouns = [self.nouns(c) for c in batch['caption']]
+        words = sorted({w for ns in nouns for w in ns})
+        pe = encode_text(clip, self.tokenizer([cfg.noun_template.format(w) for w in words]).to(g.device), normalize=True) \
+            if words else txt[:0]              # no nouns on this rank: an empty slice that keeps the graph (DDP's gathers stay in step)
+        src = img if cfg.noun_pool == 'image' else F.normalize(fg['patches'].flatten(1, 2), dim=-1)
+        out['nouns'] = multi_label_contrast_loss(src, nouns, pe, words, scale, mode=cfg.noun_loss, tau=cfg.noun_tau)
+        loss = loss + cfg.lambda_nouns * out['nouns']
+        if cfg.noun_bank:
+            if self.noun_bank is None: raise RuntimeError('noun_bank=True needs a noun vocabulary: call set_noun_vocab (train does)')
+            idx = torch.tensor([self._bank_index[w] for w in words], dtype=torch.long, device=g.device)
+            be = F.normalize(self.noun_bank(idx), dim=-1)
+            out['nouns_bank'] = multi_label_contrast_loss(src, nouns, be, words, scale, mode=cfg.noun_loss, tau=cfg.noun_tau)
+            out['bank_distill'] = bank_distill_loss(pe, be, scale, words)
+            loss = loss + cfg.lambda_nouns * (out['nouns_bank'] + out['bank_distill'])
+    if cfg.lambda_vision > 0 and 'local' in batch:
+        B, m = batch['local'].shape[:2]
+        with self._view_stats(): loc = image_features(clip, batch['local'].flatten(0, 1), dense='none')['global']
+        loc = F.normalize(loc, dim=-1).view(B, m, -1)
+        if self.teacher is not None:
+            with torch.no_grad(): tgt = F.normalize(self._teacher_global(g), dim=-1)
+        else: tgt = img.detach()
+        out['vision'] = vision_contrast_loss(loc, tgt, cfg.vision_temperature)
+        loss = loss + cfg.lambda_vision * out['vision']
+    if cfg.lambda_cluster > 0 and 'pair' in batch:
+        w = cfg.lambda_cluster * (1.0 if not cfg.cluster_warmup or step is None else min(1.0, step / cfg.cluster_warmup))
+        n = cfg.cluster_images or g.shape[0]                                 # a subset (per process under DDP): the paired forward is a fifth of a step
+        zg = fg.get('tokens', fg['patches'])[:n]                           # the head groups the final tokens
+        if cfg.cluster_detach:
+            zg = zg.detach()
+            with torch.no_grad(), self._view_stats(): zp = image_features(clip, batch['pair'][:n])['patches']
+        else:
+            with self._view_stats(): zp = image_features(clip, batch['pair'][:n])['patches']
+        out['cluster'] = self.cluster_loss(zg, zp, batch['pair_box'][:n], batch['pair_flip'][:n])
+        loss = loss + w * out['cluster']      # added even at weight 0, so that DDP sees the head in the graph
+    out = {k: v.detach() for k, v in out.items()}
+    out['loss'] = loss; out['logit_scale'] = scale.detach()
+    return out
 
-    def cluster_loss(self, z_global: torch.Tensor, z_pair: torch.Tensor, pair_box, pair_flip) -> torch.Tensor:
-        "IIC between the head's assignments on the global view (`n h w D` features), resampled onto the paired view's grid, and on the paired view."
-        q1 = self.head.assign(z_global).permute(0, 3, 1, 2)                    # n K h w on the global view
-        q1 = align_to_pair(q1, pair_box, pair_flip, q1.shape[-2:])
-        return iic_loss(q1.permute(0, 2, 3, 1), self.head.assign(z_pair), self.cfg.iic_lambda)   # vs n h w K on the paired view
+@patch_to(ViLSeg)
+def _view_stats(self):
+    "The context of the paired and local views' forwards: with `bn_stats='global'` they leave BatchNorm's running statistics alone."
+    return frozen_bn_stats(self.clip.visual) if self.cfg.bn_stats == 'global' else contextlib.nullcontext()
 
-    def _teacher_global(self, g):
-        student = self.clip.visual; self.clip.visual = self.teacher
-        try: return image_features(self.clip, g, dense='none')['global']
-        finally: self.clip.visual = student
+# %% ../nbs/08_vilseg.ipynb #t003
+@patch_to(ViLSeg)
+def cluster_loss(self, z_global: torch.Tensor, z_pair: torch.Tensor, pair_box, pair_flip, gather: bool = True) -> torch.Tensor:
+    """IIC between the head's assignments on the global view (`n h w D` features), resampled onto the paired view's grid, and
+    on the paired view. Under DDP the joint distribution is estimated from all ranks' patch pairs (`gather=False`: this
+    rank's only, for a computation that runs on one rank)."""
+    q1 = self.head.assign(z_global).permute(0, 3, 1, 2)                    # n K h w on the global view
+    q1 = align_to_pair(q1, pair_box, pair_flip, q1.shape[-2:])
+    return iic_loss(q1.permute(0, 2, 3, 1), self.head.assign(z_pair), self.cfg.iic_lambda, gather=gather)   # vs n h w K on the paired view
 
-    @torch.no_grad()
-    def update_teacher(self):
-        if self.teacher is None: return
-        m = self.cfg.ema_momentum
-        for pt, ps in zip(self.teacher.parameters(), self.clip.visual.parameters()): pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+@patch_to(ViLSeg)
+def _teacher_global(self, g):
+    student = self.clip.visual; self.clip.visual = self.teacher
+    try: return image_features(self.clip, g, dense='none')['global']
+    finally: self.clip.visual = student
 
-    # ---- inference --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def class_embeddings(self, class_names, templates=None) -> torch.Tensor:
-        "`C x D` normalised text embeddings, each the mean over templates and synonyms of a class."
-        names = _as_names(class_names); templates = list(templates or WORLD_TEMPLATES)
-        key = (tuple(map(tuple, names)), tuple(templates))
-        if key in self._text_cache: return self._text_cache[key]
-        prompts = [t.format(s) for syn in names for s in syn for t in templates]
-        emb = text_features(self.clip, self.tokenizer, prompts, normalize=True)
-        out, i = [], 0
-        for syn in names:
-            n = len(syn) * len(templates); out.append(F.normalize(emb[i:i + n].mean(0), dim=-1)); i += n
-        self._text_cache[key] = res = torch.stack(out)
-        return res
+@patch_to(ViLSeg)
+@torch.no_grad()
+def update_teacher(self):
+    if self.teacher is None: return
+    m = self.cfg.ema_momentum
+    for pt, ps in zip(self.teacher.parameters(), self.clip.visual.parameters()): pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
-    @torch.no_grad()
-    def scores(self, images: torch.Tensor, class_names, method: str = 'cluster', bg_index: int | None = None,
-               bg_threshold: float = 0.0, templates=None, dense: str | None = None, out_size=None,
-               refine: int | None = None, pamr_iters: int | None = None) -> torch.Tensor:
-        """Per-pixel class scores `B x C x H x W` (background channel = `bg_threshold`). `images`: uint8 RGB or
-        normalised float `Bx3xHxW`. `method`: 'cluster' (ViL-Seg) or 'dense' (MaskCLIP-style baseline). `dense`:
-        the patch embeddings, 'tokens' or 'value' (default: the model's `dense_features`). `refine`: EM steps that
-        refit the clusters to each image (default: the model's `refine_iters`; 0: the head's assignment as is).
-        `pamr_iters`: steps refining the scores by the image's colours at the input size (default: the model's;
-        0: off), before they are resized to `out_size`."""
-        if images.dtype == torch.uint8: images = normalize(images)
-        H, W = out_size or images.shape[-2:]
-        names = _as_names(class_names)
-        fg_idx = [i for i in range(len(names)) if i != bg_index]
-        t = self.class_embeddings([names[i] for i in fg_idx], templates)
-        f = image_features(self.clip, images, dense=dense or self.cfg.dense_features)
-        z = F.normalize(f['patches'], dim=-1)                                     # B h w D
-        gh, gw = f['grid']
-        ph, pw = self.clip.visual.patch_size
-        Hp, Wp = gh * ph, gw * pw                                                 # padded size covered by the grid
-        def up(x): return F.interpolate(x, size=(Hp, Wp), mode='bilinear', align_corners=False)[..., :images.shape[-2], :images.shape[-1]]
-        if method == 'cluster':
-            logits = self._cluster_logits(f, z, refine)                          # B h w K
-            q = logits.softmax(-1)
-            e, mass = cluster_embeddings(z, q)
-            s = e @ t.T                                                           # B K C
-            qpix = up(logits.permute(0, 3, 1, 2)).softmax(1)                      # B K H W
-            S = torch.einsum('bkhw,bkc->bchw', qpix, s)
-        elif method == 'dense':
-            S = up((z @ t.T).permute(0, 3, 1, 2))
-        else: raise ValueError(f"method must be 'cluster' or 'dense', got {method!r}")
-        n_pamr = self.cfg.pamr_iters if pamr_iters is None else pamr_iters
-        if n_pamr: S = pamr(images, S, n_pamr, self.cfg.pamr_dilations)      # at the input size, by its colours
-        if S.shape[-2:] != (H, W): S = F.interpolate(S, size=(H, W), mode='bilinear', align_corners=False)
-        if bg_index is not None:
-            bg = torch.full_like(S[:, :1], bg_threshold)
-            S = torch.cat([S[:, :bg_index], bg, S[:, bg_index:]], 1)
-        return S
+# %% ../nbs/08_vilseg.ipynb #r001
+@patch_to(ViLSeg)
+@torch.no_grad()
+def class_embeddings(self, class_names, templates=None) -> torch.Tensor:
+    "`C x D` normalised text embeddings, each the mean over templates and synonyms of a class."
+    names = _as_names(class_names); templates = list(templates or WORLD_TEMPLATES)
+    key = (tuple(map(tuple, names)), tuple(templates))
+    if key in self._text_cache: return self._text_cache[key]
+    prompts = [t.format(s) for syn in names for s in syn for t in templates]
+    emb = text_features(self.clip, self.tokenizer, prompts, normalize=True)
+    out, i = [], 0
+    for syn in names:
+        n = len(syn) * len(templates); out.append(F.normalize(emb[i:i + n].mean(0), dim=-1)); i += n
+    self._text_cache[key] = res = torch.stack(out)
+    return res
 
-    @torch.no_grad()
-    def segment(self, images: torch.Tensor, class_names, **kw) -> torch.Tensor:
-        "Label maps `B x H x W` (indices into `class_names`). Keyword arguments as in `scores`."
-        return self.scores(images, class_names, **kw).argmax(1)
+# %% ../nbs/08_vilseg.ipynb #r003
+@patch_to(ViLSeg)
+@torch.no_grad()
+def scores(self, images: torch.Tensor, class_names, method: str = 'cluster', bg_index: int | None = None,
+           bg_threshold: float = 0.0, templates=None, dense: str | None = None, out_size=None,
+           refine: int | None = None, pamr_iters: int | None = None, pamr_scale: float | None = None) -> torch.Tensor:
+    """Per-pixel class scores `B x C x H x W` (background channel = `bg_threshold`). `images`: uint8 RGB or
+    normalised float `Bx3xHxW`. `method`: 'cluster' (ViL-Seg) or 'dense' (MaskCLIP-style baseline). `dense`:
+    the patch embeddings, 'tokens' or 'value' (default: the model's `dense_features`). `refine`: EM steps that
+    refit the clusters to each image (default: the model's `refine_iters`; 0: the head's assignment as is).
+    `pamr_iters`: steps refining the scores by the image's colours (default: the model's; 0: off), at `pamr_scale`
+    times the input size (default: the model's; 1: the input size), before they are resized to `out_size`."""
+    if images.dtype == torch.uint8: images = normalize(images)
+    H, W = out_size or images.shape[-2:]
+    names = _as_names(class_names)
+    fg_idx = [i for i in range(len(names)) if i != bg_index]
+    t = self.class_embeddings([names[i] for i in fg_idx], templates)
+    f = image_features(self.clip, images, dense=dense or self.cfg.dense_features)
+    z = F.normalize(f['patches'], dim=-1)                                     # B h w D
+    gh, gw = f['grid']
+    ph, pw = self.clip.visual.patch_size
+    Hp, Wp = gh * ph, gw * pw                                                 # padded size covered by the grid
+    n_pamr = self.cfg.pamr_iters if pamr_iters is None else pamr_iters
+    ps = self.cfg.pamr_scale if pamr_scale is None else pamr_scale
+    if not 0 < ps <= 1: raise ValueError(f'pamr_scale must be in (0, 1], got {ps}')
+    ps = ps if n_pamr else 1.0                                                # without PAMR the maps are made at the input size
+    h, w = images.shape[-2:] if ps == 1 else (max(1, round(images.shape[-2] * ps)), max(1, round(images.shape[-1] * ps)))
+    hp, wp = (Hp, Wp) if ps == 1 else (max(h, round(Hp * ps)), max(w, round(Wp * ps)))
+    def up(x): return F.interpolate(x, size=(hp, wp), mode='bilinear', align_corners=False)[..., :h, :w]   # the score maps at PAMR's size
+    if method == 'cluster':
+        logits = self._cluster_logits(f, z, refine)                          # B h w K
+        q = logits.softmax(-1)
+        e, mass = cluster_embeddings(z, q)
+        s = e @ t.T                                                           # B K C
+        qpix = up(logits.permute(0, 3, 1, 2)).softmax(1)                      # B K H W
+        S = torch.einsum('bkhw,bkc->bchw', qpix, s)
+    elif method == 'dense':
+        S = up((z @ t.T).permute(0, 3, 1, 2))
+    else: raise ValueError(f"method must be 'cluster' or 'dense', got {method!r}")
+    if n_pamr:
+        im = images if ps == 1 else F.interpolate(images.float(), size=(h, w), mode='bilinear', align_corners=True)   # as TCL's apply_pamr
+        S = pamr(im, S, n_pamr, self.cfg.pamr_dilations)
+    if S.shape[-2:] != (H, W): S = F.interpolate(S, size=(H, W), mode='bilinear', align_corners=False)
+    if bg_index is not None:
+        bg = torch.full_like(S[:, :1], bg_threshold)
+        S = torch.cat([S[:, :bg_index], bg, S[:, bg_index:]], 1)
+    return S
 
-    def _cluster_logits(self, f: dict, z: torch.Tensor, refine: int | None = None) -> torch.Tensor:
-        "The head's logits on the final tokens (`f` from `image_features`), refitted to each image's patch embeddings `z`."
-        logits = self.head(f.get('tokens', f['patches']))                     # B h w K: the head groups the final tokens
-        iters = self.cfg.refine_iters if refine is None else refine
-        return refine_assignments(z, logits, iters, self.cfg.refine_tau) if iters else logits
+# %% ../nbs/08_vilseg.ipynb #r004
+@patch_to(ViLSeg)
+@torch.no_grad()
+def segment(self, images: torch.Tensor, class_names, **kw) -> torch.Tensor:
+    "Label maps `B x H x W` (indices into `class_names`). Keyword arguments as in `scores`."
+    return self.scores(images, class_names, **kw).argmax(1)
 
-    @torch.no_grad()
-    def clusters(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
-        "Cluster index of each pixel (`B x H x W`), from the upsampled soft assignments (refitted as in `scores`)."
-        if images.dtype == torch.uint8: images = normalize(images)
-        H, W = images.shape[-2:]
-        f = image_features(self.clip, images, dense=self.cfg.dense_features)
-        logits = self._cluster_logits(f, F.normalize(f['patches'], dim=-1), refine).permute(0, 3, 1, 2)
-        ph, pw = self.clip.visual.patch_size
-        up = F.interpolate(logits, size=(f['grid'][0] * ph, f['grid'][1] * pw), mode='bilinear', align_corners=False)
-        return up[..., :H, :W].argmax(1)                                   # the grid covers the padded image: crop
+@patch_to(ViLSeg)
+def _cluster_logits(self, f: dict, z: torch.Tensor, refine: int | None = None) -> torch.Tensor:
+    "The head's logits on the final tokens (`f` from `image_features`), refitted to each image's patch embeddings `z`."
+    logits = self.head(f.get('tokens', f['patches']))                     # B h w K: the head groups the final tokens
+    iters = self.cfg.refine_iters if refine is None else refine
+    return refine_assignments(z, logits, iters, self.cfg.refine_tau) if iters else logits
+
+@patch_to(ViLSeg)
+@torch.no_grad()
+def clusters(self, images: torch.Tensor, refine: int | None = None) -> torch.Tensor:
+    "Cluster index of each pixel (`B x H x W`), from the upsampled soft assignments (refitted as in `scores`)."
+    if images.dtype == torch.uint8: images = normalize(images)
+    H, W = images.shape[-2:]
+    f = image_features(self.clip, images, dense=self.cfg.dense_features)
+    logits = self._cluster_logits(f, F.normalize(f['patches'], dim=-1), refine).permute(0, 3, 1, 2)
+    ph, pw = self.clip.visual.patch_size
+    up = F.interpolate(logits, size=(f['grid'][0] * ph, f['grid'][1] * pw), mode='bilinear', align_corners=False)
+    return up[..., :H, :W].argmax(1)                                   # the grid covers the padded image: crop

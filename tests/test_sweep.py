@@ -197,3 +197,14 @@ def test_cli_errors(tmp_path, nb):
     q = subprocess.run([*VILSEG, 'sweep', str(failing), '--out', str(tmp_path / 'runs'), '--progress', 'false'], capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert q.returncode == 1 and '1 runs failed' in q.stderr and 'ValueError: boom at x 1' in q.stdout
+
+
+def test_figures_notebook_tolerates_missing_sweeps(tmp_path):
+    "`make figures` with no sweep run yet: every figure skipped with a note, the results chapter says what to run."
+    import papermill as pm
+    pm.execute_notebook(str(ROOT / 'nbs/experiments/figures.ipynb'), str(tmp_path / 'figures.ipynb'), cwd=str(tmp_path), kernel_name='python3',
+                        progress_bar=False, parameters=dict(runs_dir=str(tmp_path / 'runs'), fig_dir=str(tmp_path / 'figs'),
+                                                            results=str(tmp_path / 'results.md'), checkpoint=str(tmp_path / 'none.pt')))
+    text = (tmp_path / 'results.md').read_text()
+    assert text.startswith('# Results') and 'not run yet: `vilseg sweep nbs/experiments/sweeps/losses.yaml`' in text
+    assert 'zeroshot.yaml' in text and not list((tmp_path / 'figs').glob('*.png'))

@@ -8,11 +8,13 @@ DEMO_DIR ?= runs/demo
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: help install demo zeroshot test test-fast export lab world bench
+.PHONY: help install demo zeroshot ablations figures test test-fast export lab world bench
 
 help:
 	@echo "make demo    set up .venv, generate the embedded world, train + evaluate ViL-Seg -> $(DEMO_DIR)/"
 	@echo "make zeroshot  the zero-shot variants on the embedded world over the demo's backbone -> $(ZS_DIR)/table.md"
+	@echo "make ablations  every sweep of nbs/experiments/sweeps/ (resumable; about 27 h on 2 cores) -> runs/<sweep>/table.md"
+	@echo "make figures  figures and the results chapter from the sweeps (trains nothing) -> docs/figures/, docs/results.md"
 	@echo "make test    set up .venv if needed, run the whole pytest suite (notebooks + unit tests)"
 	@echo "make lab     JupyterLab on the project kernel"
 	@echo "make export  nbdev_export + nbdev_clean (notebooks are the source of vilseg/)"
@@ -53,6 +55,24 @@ zeroshot: $(STAMP) $(DEMO_DIR)/metrics.json
 	    -p variant $$v -p seed $$s -p out_dir $$d -p checkpoint $(DEMO_DIR)/checkpoint.pt $(ZS_ARGS) 2>&1 | grep -v "^\s*$$" | grep -E "zero-shot|mIoU|Error|error" || true; \
 	  test -f $$d/metrics.json || { echo "$$d failed: see $$d/zeroshot.ipynb"; exit 1; }; done; done
 	$(BIN)/python -c "from vilseg.zeroshot import zeroshot_table, plot_zeroshot_table; r, t = zeroshot_table('$(ZS_DIR)'); plot_zeroshot_table(t, '$(ZS_DIR)/table.png'); print(open('$(ZS_DIR)/table.md').read())"
+
+# The ablations: each spec of nbs/experiments/sweeps/ run by `vilseg sweep` (nbs/18_sweep) into runs/<sweep>/<run>/, then one
+# table per sweep (runs/<sweep>/table.md, mean ± std over seeds). Finished runs are skipped, so a killed `make ablations`
+# continues where it stopped; a failed run is recorded (its error.txt) and the other runs and sweeps go on.
+# Budget on 2 cores, one run at a time (each spec states its own): readouts 10 min, zeroshot 2 h, losses 15 h,
+# clusters 7 h, local_crops 3 h: about 27 h. SWEEPS=readouts runs one; SWEEP_JOBS=2 runs two at once, one thread each.
+SWEEPS ?= readouts zeroshot losses clusters local_crops
+SWEEP_JOBS ?= 1
+SWEEP_DIR ?= runs
+ablations: $(STAMP) runs/demo/metrics.json
+	@status=0; for s in $(SWEEPS); do \
+	  $(BIN)/vilseg sweep nbs/experiments/sweeps/$$s.yaml --jobs $(SWEEP_JOBS) --out $(SWEEP_DIR) || status=1; done; exit $$status
+
+# Figures and the results chapter from the sweeps' tables and run folders (a sweep not run yet is skipped with a note):
+# docs/figures/*.png (and .pdf), docs/results.md; the executed notebook in runs/figures.ipynb.
+figures: $(STAMP)
+	mkdir -p runs docs/figures
+	$(BIN)/papermill nbs/experiments/figures.ipynb runs/figures.ipynb --cwd . --no-progress-bar -p runs_dir $(SWEEP_DIR) $(FIG_ARGS)
 
 world: $(STAMP)
 	$(BIN)/vilseg world --out data/world --figure runs/world_samples.png

@@ -31,9 +31,12 @@ install: $(STAMP)
 # The main job: generate the world (data/world), train + evaluate ViL-Seg, write $(DEMO_DIR)/. A previous
 # $(DEMO_DIR) is moved aside to $(DEMO_DIR).old-N, never deleted. The executed notebook lands in $(DEMO_DIR)/train.ipynb
 # (also when a cell fails: it then shows the error).
+# papermill's and the kernel's lines a user cannot act on (the kernel's local TCP transport, empty log lines)
+QUIET := running over TCP without encryption|susceptible to eavesdropping|^\s*$$|Input Notebook:|Output Notebook:|Executing notebook with kernel
 demo: $(STAMP)
 	mkdir -p runs
-	$(BIN)/papermill nbs/experiments/train.ipynb runs/.demo-train.ipynb --cwd . -p out_dir $(DEMO_DIR) -p overwrite True $(DEMO_ARGS); \
+	set -o pipefail; VILSEG_PROGRESS=text $(BIN)/papermill nbs/experiments/train.ipynb runs/.demo-train.ipynb --cwd . --log-output \
+	  --no-progress-bar -p out_dir $(DEMO_DIR) -p overwrite True $(DEMO_ARGS) 2>&1 | grep --line-buffered -v -E "$(QUIET)"; \
 	  status=$$?; mkdir -p $(DEMO_DIR); mv runs/.demo-train.ipynb $(DEMO_DIR)/train.ipynb; \
 	  test $$status -eq 0 && $(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/metrics.json')); print('val mIoU %.3f (dense baseline %.3f, patch oracle %.3f) in %.0f s' % (m['val_miou'], m['val_miou_dense_baseline'], m['patch_oracle_miou'], m['total_seconds']))"; \
 	  exit $$status

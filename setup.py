@@ -23,7 +23,7 @@ setuptools.setup(
                  f"Natural Language :: {c['language']}", 'Programming Language :: Python :: 3'],
     packages=setuptools.find_packages(include=[c['lib_path'], c['lib_path'] + '.*']),
     include_package_data=True, install_requires=reqs, extras_require={'dev': dev_reqs},
-    package_data={c['lib_path']: ['classes/*.txt', 'classes/*/*.txt']},   # the class-name files (vilseg/classes)
+    package_data={c['lib_path']: ['classes/*.txt', 'classes/*/*.txt', 'recipes/*.yaml']},   # class-name files, training recipes
     python_requires='>=' + c['min_python'],
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',
     zip_safe=False, entry_points={'console_scripts': scripts, 'nbdev': [f"{c['lib_path']}={c['lib_path']}._modidx:d"]},

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, sys
+import argparse, json, sys, warnings
 from dataclasses import fields, asdict
 from pathlib import Path
 import numpy as np
@@ -30,23 +30,32 @@ def _steps(s):
     if int(s) < 0: raise argparse.ArgumentTypeError(f'must be >= 0, got {s}')
     return int(s)
 
-def _dataclass_parser(p, cls, free_tuples: bool = False):
-    "One option per field of dataclass `cls` (`--field-name`), typed by its default; tuples take `len` floats (any number if `free_tuples`)."
+def _dataclass_parser(p, cls, free_tuples: bool = False, given_only: bool = False):
+    """One option per field of dataclass `cls` (`--field-name`), typed by its default; tuples take `len` floats (any number
+    if `free_tuples`). `given_only`: an option not given on the command line is absent from the parsed namespace."""
     for f in fields(cls):
         name = '--' + f.name.replace('_', '-'); d = f.default
-        if isinstance(d, bool): p.add_argument(name, type=_bool, default=d, metavar='BOOL')
+        kw = dict(default=argparse.SUPPRESS if given_only else d)
+        if given_only: kw['help'] = f'default: {d!r} (or the recipe\'s)'
+        if isinstance(d, bool): p.add_argument(name, type=_bool, metavar='BOOL', **kw)
         elif isinstance(d, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in d):
-            p.add_argument(name, type=int, nargs='+', default=d)          # integer tuples (e.g. pamr_dilations): any number
-        elif isinstance(d, tuple): p.add_argument(name, type=float, nargs='+' if free_tuples else len(d), default=d)
-        elif d is None: p.add_argument(name, default=None)
-        else: p.add_argument(name, type=type(d), default=d)
+            p.add_argument(name, type=int, nargs='+', **kw)          # integer tuples (e.g. pamr_dilations): any number
+        elif isinstance(d, tuple): p.add_argument(name, type=float, nargs='+' if free_tuples else len(d), **kw)
+        elif d is None: p.add_argument(name, **kw)
+        else: p.add_argument(name, type=type(d), **kw)
+
+def _given(cls, a) -> dict:
+    "The fields of dataclass `cls` given on the command line (`_dataclass_parser(..., given_only=True)`), lists back to tuples."
+    return {f.name: (tuple(v) if isinstance(v, list) else v) for f in fields(cls) if hasattr(a, f.name) for v in [getattr(a, f.name)]}
 
 def _from_args(cls, a):
     "An instance of dataclass `cls` from the parsed options of `_dataclass_parser` (lists back to tuples)."
     kw = {f.name: getattr(a, f.name) for f in fields(cls)}
     return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()})
 
-def main(argv=None):
+# %% ../nbs/14_cli.ipynb #p001
+def _parser() -> argparse.ArgumentParser:
+    "The `vilseg` argument parser."
     ap = argparse.ArgumentParser(prog='vilseg', description='Open-world semantic segmentation from image-caption pairs')
     sub = ap.add_subparsers(dest='cmd', required=True)
     w = sub.add_parser('world', help='generate the embedded synthetic world (every WorldConfig field is an option)')
@@ -54,17 +63,29 @@ def main(argv=None):
     w.add_argument('--n-val', type=int, default=500); w.add_argument('--workers', type=int, default=None)
     w.add_argument('--figure', default=None, help='save a grid of samples here')
     _dataclass_parser(w, WorldConfig, free_tuples=True)
-    _dataclass_parser(sub.add_parser('train', help='train ViL-Seg (torchrun-compatible)'), TrainConfig)
+    t = sub.add_parser('train', help='train ViL-Seg (torchrun-compatible); --recipe NAME, then any field overrides it')
+    t.add_argument('--list-recipes', action='store_true', help='print the bundled recipes and exit')
+    _dataclass_parser(t, TrainConfig, given_only=True)
     s = sub.add_parser('segment', help='segment an image into the given class names')
-    s.add_argument('--checkpoint', required=True); s.add_argument('--image', required=True)
+    ssrc = s.add_mutually_exclusive_group(required=True)
+    ssrc.add_argument('--checkpoint', default=None, help='a vilseg training checkpoint')
+    ssrc.add_argument('--model', default=None, help="an open_clip model name (e.g. ViT-B-16): the training-free MaskCLIP read-out")
+    s.add_argument('--pretrained', default=None, help='open_clip tag or local weights file for --model')
+    s.add_argument('--dense', default=None, choices=[*DENSE_READOUTS, *DENSE_ALIASES], help="patch features for --model (default: maskclip)")
+    s.add_argument('--image', required=True, help='an image file, or a folder of images (one mask each, with a progress bar)')
     s.add_argument('--classes', required=True, help='comma-separated class names; use "|" between synonyms, e.g. "ring|donut,star"')
-    s.add_argument('--background', type=_bool, default=True, help='add a background class decided by threshold')
-    s.add_argument('--bg-threshold', type=float, default=None, help='default: the threshold calibrated in training')
-    s.add_argument('--method', default='cluster', choices=['cluster', 'dense'])
+    s.add_argument('--background', type=_bool, default=True, metavar='BOOL', help='add a background class: by the calibrated threshold '
+                   '(--checkpoint) or as the text query "background" (--model)')
+    s.add_argument('--bg-threshold', type=float, default=None, help='--checkpoint: default, the threshold calibrated in training')
+    s.add_argument('--method', default=None, choices=['cluster', 'dense'], help='default: cluster for a checkpoint, dense for --model')
     s.add_argument('--refine', type=_steps, default=None, help="EM steps refitting the clusters to the image (default: the checkpoint's refine_iters; 0: the head's assignment as is)")
     s.add_argument('--pamr', type=_steps, default=None, help="steps refining the mask by the image's colours (PAMR; default: the checkpoint's pamr_iters; 0: off)")
-    s.add_argument('--window', type=int, default=None, help='sliding-window size for large images')
-    s.add_argument('--out', required=True); s.add_argument('--overlay', default=None)
+    s.add_argument('--window', type=int, default=None, help="sliding-window size (default for --model: the model's input size, "
+                   "when the image is larger; 0: whole image)")
+    s.add_argument('--short-side', type=int, default=None, help='--model: resize the short side to this first (default 336, as SCLIP; 0: as is)')
+    s.add_argument('--out', required=True, help='the mask PNG (a folder for a folder of images)')
+    s.add_argument('--overlay', default=None, help='the overlay PNG with a colour key (a folder for a folder of images)')
+    s.add_argument('--device', default='cpu')
     _dataclass_parser(sub.add_parser('zeroshot', help='train and evaluate the zero-shot mask-proposal model (17_zeroshot; torchrun-compatible)'),
                       ZeroShotConfig)
     e = sub.add_parser('eval', help='evaluate a checkpoint, or an open_clip model (MaskCLIP baseline), with a protocol preset')
@@ -100,8 +121,83 @@ def main(argv=None):
     sw.add_argument('--dry-run', action='store_true', help='print each run and its state; run nothing')
     sw.add_argument('--gather', action='store_true', help='run nothing; gather the finished runs into the table')
     sw.add_argument('--progress', type=_bool, default=True, metavar='BOOL')
-    a = ap.parse_args(argv)
+    for p in sub.choices.values(): p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    return ap
 
+# %% ../nbs/14_cli.ipynb #s001
+def _images_of(path) -> list[Path]:
+    "An image file, or the images of a folder (sorted); errors name the path."
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in ('.jpg', '.jpeg', '.png', '.bmp', '.webp'))
+        if not files: raise FileNotFoundError(f'{p}: a folder without images (.jpg, .jpeg, .png, .bmp, .webp)')
+        return files
+    if not p.exists(): raise FileNotFoundError(f'{p}: no such image file or folder')
+    return [p]
+
+def _segment(a):
+    "`vilseg segment`: a checkpoint's read-out, or the training-free MaskCLIP read-out of any open_clip model."
+    from vilseg.core import tqdm
+    from vilseg.captions import load_image
+    from vilseg.viz import PALETTE, save_overlay, label_shares
+    from vilseg.evaluate import slide_scores
+    from vilseg.protocols import clip_baseline
+    import torch.nn.functional as F
+    names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
+    if not names: raise ValueError('--classes: no class name given')
+    files = _images_of(a.image)
+    folder = Path(a.image).is_dir()
+    if a.checkpoint:
+        model, _ = load_model(a.checkpoint, a.device)
+        method, window, short = a.method or 'cluster', a.window, 0
+        run_readout = (model.cfg.refine_iters, model.cfg.pamr_iters)
+        if a.refine is not None: model.cfg.refine_iters = a.refine
+        if a.pamr is not None: model.cfg.pamr_iters = a.pamr
+        th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, method)
+        if a.bg_threshold is None and a.background and ((method == 'cluster' and model.cfg.refine_iters != run_readout[0])
+                                                         or model.cfg.pamr_iters != run_readout[1]):
+            print(f'warning: the threshold {th} was calibrated with refine={run_readout[0]}, pamr_iters={run_readout[1]}; '
+                  'pass --bg-threshold', file=sys.stderr)
+        if a.background: names = [['background']] + names
+        kw = dict(method=method, bg_index=0 if a.background else None, bg_threshold=th)
+    else:
+        model = clip_baseline(a.model, a.pretrained, a.device)
+        if (a.method or 'dense') != 'dense': raise ValueError('--method cluster needs a --checkpoint (an open_clip model has no trained clustering head)')
+        if a.pamr is not None: model.cfg.pamr_iters = a.pamr
+        size = model.clip.visual.image_size
+        size = size if isinstance(size, int) else size[0]
+        window = size if a.window is None else a.window
+        short = 336 if a.short_side is None else a.short_side
+        if a.background: names = [['background']] + names           # a text query, as SCLIP's Context60 (no threshold)
+        kw = dict(method='dense', dense=a.dense or 'maskclip')
+    out, ov = Path(a.out), Path(a.overlay) if a.overlay else None
+    summary = []
+    for f in tqdm(files, desc='segment', unit='img', disable=not folder):
+        img = load_image(f)[None]
+        H, W = img.shape[-2:]
+        x = img
+        if short and min(H, W) != short:
+            s = short / min(H, W)
+            x = F.interpolate(img.float(), size=(round(H * s), round(W * s)), mode='bilinear', align_corners=False, antialias=True).round().clamp(0, 255).to(torch.uint8)
+        if window and max(x.shape[-2:]) > window: S = slide_scores(model, x, names, window, window // 2, **kw)
+        else: S = model.scores(x, names, **kw)
+        if S.shape[-2:] != (H, W): S = F.interpolate(S, size=(H, W), mode='bilinear', align_corners=False)
+        lab = S.argmax(1)[0].numpy().astype(np.uint8)
+        mask_path = out / f'{f.stem}.png' if folder else out
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        m = Image.fromarray(lab, mode='P'); m.putpalette(PALETTE.reshape(-1).tolist()); m.save(mask_path)
+        rec = {'image': str(f), 'mask': str(mask_path), 'size': [H, W], 'shares': label_shares(lab, names)}
+        if ov is not None:
+            ov_path = ov / f'{f.stem}.png' if folder else ov
+            save_overlay(img[0], lab, names, ov_path, bg_index=0 if a.background else None, title=f.name)
+            rec['overlay'] = str(ov_path)
+        summary.append(rec)
+    src = {'checkpoint': str(a.checkpoint)} if a.checkpoint else {'model': a.model, 'pretrained': a.pretrained, 'dense': kw['dense']}
+    print(json.dumps({**src, 'classes': [n[0] for n in names], 'images': summary if folder else summary[0]}, indent=1))
+
+# %% ../nbs/14_cli.ipynb #e001
+def _run(ap, a):
+    "Dispatch a parsed command line."
     if a.cmd == 'world':
         from vilseg.world import make_world, show_world
         try: wcfg = _from_args(WorldConfig, a)
@@ -110,7 +206,13 @@ def main(argv=None):
         if a.figure: show_world(a.out, n=16, cols=8, path=a.figure)
         print(json.dumps({k: info[k] for k in ('n_train', 'n_val', 'images_per_second', 'seconds')}))
     elif a.cmd == 'train':
-        r = train(_from_args(TrainConfig, a))
+        from vilseg.train import list_recipes
+        if a.list_recipes:
+            for k, v in list_recipes().items(): print(f'{k:8s} {v}')
+            return
+        given = _given(TrainConfig, a)
+        cfg = TrainConfig.from_recipe(given.pop('recipe', None), **given)
+        r = train(cfg)
         print(json.dumps({k: v for k, v in r.items() if k not in ('val',)}, indent=1))
     elif a.cmd == 'sweep':
         from vilseg.sweep import run_sweep, SpecError
@@ -129,36 +231,15 @@ def main(argv=None):
         r = train_zeroshot(zcfg)
         print(json.dumps({k: v for k, v in r.items() if k not in ('iou', 'final_loss', 'pseudo_quality', 'backbone')}, indent=1))
     elif a.cmd == 'segment':
-        from vilseg.captions import load_image
-        from vilseg.viz import colorize, overlay
-        from vilseg.evaluate import slide_scores
-        model, cfg = load_model(a.checkpoint)
-        run_readout = (model.cfg.refine_iters, model.cfg.pamr_iters)
-        if a.refine is not None: model.cfg.refine_iters = a.refine
-        if a.pamr is not None: model.cfg.pamr_iters = a.pamr
-        names = [[s.strip() for s in c.split('|') if s.strip()] for c in a.classes.split(',') if c.strip()]
-        if not names: ap.error('--classes is empty')
-        th = a.bg_threshold if a.bg_threshold is not None else _calibrated(a.checkpoint, a.method)
-        if a.bg_threshold is None and a.background and ((a.method == 'cluster' and model.cfg.refine_iters != run_readout[0])
-                                                         or model.cfg.pamr_iters != run_readout[1]):
-            print(f'warning: the threshold {th} was calibrated with refine={run_readout[0]}, pamr_iters={run_readout[1]}; '
-                  'pass --bg-threshold', file=sys.stderr)
-        if a.background: names = [['background']] + names
-        img = load_image(a.image)[None]
-        kw = dict(method=a.method, bg_index=0 if a.background else None, bg_threshold=th)
-        S = slide_scores(model, img, names, a.window, a.window // 2, **kw) if a.window else model.scores(img, names, **kw)
-        lab = S.argmax(1)[0].numpy().astype(np.uint8)
-        out = Image.fromarray(lab, mode='P'); out.putpalette(list(np.asarray(colorize(np.arange(256)[None]))[0].reshape(-1)))
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True); out.save(a.out)
-        if a.overlay: Image.fromarray(overlay(img[0], lab)).save(a.overlay)
-        found = {names[i][0]: int((lab == i).sum()) for i in np.unique(lab)}
-        print(json.dumps({'mask': a.out, 'pixels': found}))
+        _segment(a)
     elif a.cmd == 'eval':
         from vilseg.protocols import evaluate_run, protocol_cards
         if a.list_protocols: print(protocol_cards()); return
         ov = {k: (None if v == 0 else v) for k in ('short_side', 'window', 'stride') if (v := getattr(a, k)) is not None}
         if a.templates: ov['templates'] = a.templates
         if not a.checkpoint and not a.model: ap.error('eval needs --checkpoint or --model')
+        from vilseg.protocols import get_protocol
+        get_protocol(a.preset, a.protocol)                  # an unknown preset or protocol is refused before a model is loaded
         r = evaluate_run(a.checkpoint, a.model, a.pretrained, a.preset, a.data, a.split, a.method, a.dense, a.bg_threshold,
                          a.thresholds, a.max_images, a.out_dir, a.overwrite, a.device, a.progress, refine=a.refine,
                          pamr_iters=a.pamr, protocol=a.protocol, **ov)
@@ -177,3 +258,28 @@ def _calibrated(checkpoint, method) -> float:
         print(f'warning: no calibrated background threshold next to {checkpoint}; using 0.3 (pass --bg-threshold)', file=sys.stderr)
         return 0.3
     return th
+
+def _exit_status(e: BaseException) -> int | None:
+    "2 for bad usage (a parameter), 1 for bad data (a file), None for anything else (a bug: its traceback is shown)."
+    if isinstance(e, FileExistsError): return 2                        # an existing run folder: pass --overwrite or --resume
+    if isinstance(e, (VilsegDataError, OSError, EOFError)): return 1   # missing, unreadable, corrupt or foreign files
+    if isinstance(e, (ValueError, TypeError, KeyError)): return 2       # an out-of-range or unknown value
+    return None
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = ' '.join(l.strip() for l in msg.strip().splitlines() if l.strip()) or type(e).__name__
+    return msg if len(msg) <= 400 else msg[:397] + '...'
+
+def main(argv=None):
+    """The `vilseg` command. An expected failure (a bad value, a missing or corrupt file, a foreign checkpoint) is one line
+    on stderr, `vilseg: error: <file or parameter>: <what is wrong>`, with exit status 2 (bad usage) or 1 (bad data);
+    `--debug` shows the traceback instead."""
+    ap = _parser()
+    a = ap.parse_args(argv)
+    try: _run(ap, a)
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None or getattr(a, 'debug', False): raise
+        print(f'vilseg: error: {_one_line(e)}', file=sys.stderr)
+        sys.exit(status)

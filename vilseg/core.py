@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import json, os, random, tempfile, io
+import json, os, random, sys, tempfile, io
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['VilsegDataError', 'set_seed', 'get_device', 'rng_state', 'set_rng_state', 'atomic_write_text', 'atomic_write_json',
-           'atomic_save', 'load_checkpoint', 'make_run_dir']
+           'atomic_save', 'load_checkpoint', 'make_run_dir', 'tqdm']
 
 # %% ../nbs/00_core.ipynb #c004
 class VilsegDataError(ValueError):
@@ -118,3 +118,12 @@ def make_run_dir(path, resume: bool = False, overwrite: bool = False) -> Path:
         path.rename(path.with_name(f'{path.name}.old-{n}'))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+# %% ../nbs/00_core.ipynb #q001
+def tqdm(*args, **kw):
+    "`tqdm.auto.tqdm`, or with `VILSEG_PROGRESS=text` a text bar on stderr redrawn every 10 s (a papermill log shows it)."
+    if os.environ.get('VILSEG_PROGRESS') == 'text':
+        from tqdm.std import tqdm as text_bar
+        return text_bar(*args, **{'mininterval': 10.0, 'file': sys.stderr, 'ascii': True, **kw})
+    from tqdm.auto import tqdm as auto_bar
+    return auto_bar(*args, **kw)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_encoders.ipynb #c002
 from __future__ import annotations
-import json, os, tempfile, warnings
+import contextlib, json, logging, os, tempfile, warnings
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,17 @@ def register_configs() -> Path:
         open_clip.add_model_config(d); _REGISTERED = True
     return d
 
+class _NoRandomInitNote(logging.Filter):
+    def filter(self, record): return 'No pretrained weights loaded' not in record.getMessage()
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    "Drop open_clip's 'No pretrained weights loaded ... initialized randomly' log line for the block (the callers say it when it is true)."
+    f = _NoRandomInitNote(); root = logging.getLogger()
+    root.addFilter(f)
+    try: yield
+    finally: root.removeFilter(f)
+
 def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, device='cpu', **kw):
     """An open_clip model and its tokenizer. `pretrained`: None, an open_clip tag, or a local checkpoint file.
     Tags need the network (or open_clip's cache); a missing file is a clear error."""
@@ -83,7 +94,8 @@ def create_clip(model_name: str = 'vilseg-tiny', pretrained: str | None = None, 
         if not Path(pretrained).exists(): raise FileNotFoundError(f'pretrained checkpoint not found: {pretrained}')
     stem = CONV_STEMS.get(model_name)
     try:
-        model = open_clip.create_model(model_name, pretrained=None if stem else (pretrained or None), device=device, **kw)
+        with _quiet_random_init():         # open_clip's note on random weights is wrong when a checkpoint is loaded next
+            model = open_clip.create_model(model_name, pretrained=None if stem else (pretrained or None), device=device, **kw)
     except RuntimeError as e:
         if pretrained and not Path(str(pretrained)).exists():
             raise RuntimeError(f'could not load pretrained={pretrained!r} for {model_name} (is it a valid tag, and is '

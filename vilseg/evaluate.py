@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
+from .core import tqdm          # tqdm.auto, or a text bar for papermill logs (VILSEG_PROGRESS=text)
 
 from .metrics import ConfusionMatrix
 

@@ -8,7 +8,7 @@ import io, json, re, warnings
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import VilsegDataError, _atomic_write_bytes, atomic_write_text
 from .segdata import CONTEXT59, IGNORE_INDEX, norm_name, read_label, _ids_from_list as _ids

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_protocols.ipynb #c002
 from __future__ import annotations
-import inspect, json, sys
+import inspect, json, sys, warnings
 from dataclasses import dataclass, replace, asdict, fields
 from pathlib import Path
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
@@ -203,7 +203,11 @@ def protocol_dataset(p: Protocol, root, split: str | None = None):
     return ds, names, bg
 
 def clip_baseline(model: str = 'ViT-B-16', pretrained: str | None = None, device='cpu') -> ViLSeg:
-    "Any open_clip model in ViL-Seg's inference interface (no clustering head is trained: use method='dense')."
+    """Any open_clip model in ViL-Seg's inference interface (no clustering head is trained: use method='dense'). Without
+    `pretrained` the model is random: said once, as a warning."""
+    if not pretrained:
+        warnings.warn(f'{model} without --pretrained weights is randomly initialised: its segmentation is noise (pass an '
+                      'open_clip tag or a weights file)', UserWarning, stacklevel=2)
     m = ViLSeg(ViLSegConfig(model=model, pretrained=pretrained, lambda_cluster=0, lambda_vision=0))
     return m.eval().to(device)
 
@@ -310,7 +314,13 @@ def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
     cfg = TrainConfig(**{k: v for k, v in ck['config'].items() if k in {f.name for f in fields(TrainConfig)}})
     if 'refine_iters' not in ck['config']: cfg.refine_iters = 0   # a run from before the clusters' refit: its own read-out (and threshold)
     mcfg = cfg.model_config(); mcfg.pretrained = None        # the checkpoint holds every weight
-    model = ViLSeg(mcfg); model.load_state_dict(ck['model']); model.eval().to(device)
+    model = ViLSeg(mcfg)
+    try: model.load_state_dict(ck['model'])
+    except (RuntimeError, ValueError) as e:            # another model's or another vocabulary's weights under this config
+        first = str(e).strip().splitlines()
+        raise VilsegDataError(checkpoint, f'its weights do not fit the {mcfg.model} model its config names '
+                                          f'({first[1].strip() if len(first) > 1 else first[0]})') from None
+    model.eval().to(device)
     return model, ck['config']
 
 def calibrated_threshold(checkpoint, method: str) -> float | None:

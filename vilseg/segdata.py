@@ -279,7 +279,7 @@ def coco_instances_to_labels(instances_json, image_dir, out_dir, progress: bool 
                              category_ids: Sequence[int] | None = None, skip_existing: bool = False) -> dict:
     "Write `{out_dir}/{stem}_instanceTrainIds.png` (0 = background, 1..80, 255 = crowd) for every image of a COCO instances json."
     from pycocotools.coco import COCO
-    from tqdm.auto import tqdm
+    from vilseg.core import tqdm
     instances_json, image_dir, out_dir = Path(instances_json), Path(image_dir), Path(out_dir)
     if not instances_json.is_file(): raise VilsegDataError(instances_json, 'COCO instances json not found')
     _need_dir(image_dir, 'COCO image')

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import atomic_write_json, atomic_write_text
 

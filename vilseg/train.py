@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from importlib import resources
+import yaml
+from .core import tqdm          # tqdm.auto, or a text bar for papermill logs (VILSEG_PROGRESS=text)
 
 from .core import set_seed, rng_state, set_rng_state, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, make_run_dir, get_device
 from .captions import CsvCaptions, collate_captions
@@ -24,12 +26,14 @@ from .segdata import VOCStyleSegmentation
 from .evaluate import evaluate, calibrate_threshold
 
 # %% auto #0
-__all__ = ['RESUMABLE_CHANGES', 'TrainConfig', 'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer',
-           'make_scheduler', 'split_head_params', 'clip_gradients', 'refit_head', 'world_datasets', 'validate', 'train']
+__all__ = ['RECIPE_META', 'RESUMABLE_CHANGES', 'TrainConfig', 'list_recipes', 'load_recipe', 'model_patch_size',
+           'ResumableBatchSampler', 'SeededSamples', 'lr_lambda', 'make_optimizer', 'make_scheduler',
+           'split_head_params', 'clip_gradients', 'refit_head', 'world_datasets', 'validate', 'train']
 
 # %% ../nbs/11_train.ipynb #c003
 @dataclass
 class TrainConfig:
+    recipe: str | None = None         # the named recipe (vilseg/recipes/*.yaml) the other values started from, if any
     data: str = 'data/world'          # a world root (world.json), or a captions .tsv/.csv
     captions: str = 'train.tsv'       # with a world root: which captions/ file (e.g. train_canonical.tsv for clean captions)
     out_dir: str = 'runs/train'
@@ -107,6 +111,77 @@ class TrainConfig:
         return ViewConfig(global_size=self.image_size, n_local=self.n_local, local_size=self.local_size,
                           local_scale=tuple(self.local_scale), global_scale=tuple(self.global_scale),
                           pair=self.lambda_cluster > 0, pair_scale=tuple(self.pair_scale))
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None = None, **overrides) -> 'TrainConfig':
+        "The values of a named recipe (or a recipe file), then `overrides`; `recipe=None`: the defaults (the paper's three losses)."
+        vals = load_recipe(recipe) if recipe else {}
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown: raise ValueError(f'unknown training parameter {unknown[0]!r}')
+        cfg = cls(**{**vals, **overrides})
+        if recipe: cfg.recipe = Path(recipe).stem if str(recipe).endswith(('.yaml', '.yml')) else recipe
+        return cfg
+
+    def validate(self) -> 'TrainConfig':
+        "Every value checked before any work: a ValueError that names the parameter and its value."
+        def need(ok, k, what):
+            if not ok: raise ValueError(f'{k}={getattr(self, k)!r}: {what}')
+        for k in ('steps', 'batch_size', 'eval_images', 'calib_images', 'log_every', 'noun_min_count', 'image_size', 'local_size'):
+            need(getattr(self, k) >= (2 if k == 'batch_size' else 1), k, 'must be >= 2 (a contrastive batch needs negatives)' if k == 'batch_size' else 'must be >= 1')
+        for k in ('warmup', 'weight_decay', 'grad_clip', 'eval_every', 'ckpt_every', 'num_workers', 'stop_at', 'head_refit', 'head_lr', 'n_local', 'seed'):
+            need(getattr(self, k) >= 0, k, 'must be >= 0')
+        for k in ('lr', 'head_refit_lr', 'max_logit_scale'): need(getattr(self, k) > 0, k, 'must be > 0')
+        need(0 <= self.min_lr_ratio <= 1, 'min_lr_ratio', 'must be in [0, 1]')
+        for k in ('local_scale', 'global_scale', 'pair_scale'):
+            v = getattr(self, k)
+            need(len(v) == 2 and 0 < v[0] <= v[1] <= 1, k, 'must be two fractions of the image, 0 < low <= high <= 1')
+        if self.lambda_vision > 0: need(self.n_local >= 1, 'n_local', 'the vision contrast (lambda_vision > 0) needs local crops (n_local >= 1)')
+        patch = model_patch_size(self.model)
+        need(self.image_size >= patch, 'image_size', f'smaller than the {patch}-pixel patch of {self.model}')
+        n = (self.image_size // patch) ** 2
+        need(self.n_clusters <= n, 'n_clusters', f'more clusters than the {n} patches of a {self.image_size}-pixel view')
+        self.model_config().validate()
+        return self
+
+# %% ../nbs/11_train.ipynb #rc01
+RECIPE_META = ('description', 'base')
+
+def list_recipes() -> dict[str, str]:
+    "The bundled recipes: name -> description."
+    d = resources.files('vilseg') / 'recipes'
+    return {p.name[:-5]: (yaml.safe_load(p.read_text()) or {}).get('description', '') for p in sorted(d.iterdir(), key=lambda p: p.name) if p.name.endswith('.yaml')}
+
+def load_recipe(recipe: str, _seen=()) -> dict:
+    "The training values of a bundled recipe (by name) or a recipe file (a path), its `base` recipes applied first."
+    p = Path(recipe)
+    if p.suffix in ('.yaml', '.yml'):
+        if not p.is_file(): raise FileNotFoundError(f'recipe file not found: {p}')
+        text, where = p.read_text(), str(p)
+    else:
+        f = resources.files('vilseg') / 'recipes' / f'{recipe}.yaml'
+        if not f.is_file(): raise ValueError(f"unknown recipe {recipe!r}; the recipes: {', '.join(list_recipes())} (or a .yaml file)")
+        text, where = f.read_text(), f'recipe {recipe}'
+    try: vals = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e: raise ValueError(f'{where}: not valid YAML ({str(e).splitlines()[0]})') from None
+    if not isinstance(vals, dict): raise ValueError(f'{where}: a recipe is a mapping of training parameters')
+    known = {f.name for f in fields(TrainConfig)} - {'recipe'}
+    bad = sorted(set(vals) - known - set(RECIPE_META))
+    if bad: raise ValueError(f'{where}: unknown training parameter {bad[0]!r}')
+    base = vals.get('base')
+    if base in _seen + (recipe,): raise ValueError(f'{where}: the recipes\' bases form a loop ({base})')
+    out = load_recipe(base, _seen + (recipe,)) if base else {}
+    out.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in vals.items() if k not in RECIPE_META})
+    return out
+
+def model_patch_size(model: str) -> int:
+    "The patch size of an open_clip model name or a vilseg tiny config; a ValueError for an unknown name."
+    import open_clip
+    from vilseg.encoders import register_configs
+    register_configs()
+    mc = open_clip.get_model_config(model)
+    if mc is None: raise ValueError(f"model={model!r}: not an open_clip model name or a vilseg config (see open_clip.list_models())")
+    p = mc['vision_cfg'].get('patch_size', 16)
+    return p if isinstance(p, int) else p[0]
 
 # %% ../nbs/11_train.ipynb #c005
 class ResumableBatchSampler:
@@ -224,7 +299,7 @@ def world_datasets(data: str, view_cfg: ViewConfig, captions: str = 'train.tsv')
 def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
 # settings that may differ between a run and its resumption; any other change is refused
-RESUMABLE_CHANGES = {'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
+RESUMABLE_CHANGES = {'recipe', 'resume', 'stop_at', 'progress', 'overwrite', 'num_workers', 'device', 'eval_every', 'eval_images',
                      'calib_images', 'log_every', 'ckpt_every', 'out_dir', 'head_refit', 'head_refit_lr',
                      'refine_iters', 'refine_tau', 'pamr_iters', 'pamr_dilations', 'pamr_scale'}
 def _norm(v): return list(v) if isinstance(v, tuple) else v
@@ -251,10 +326,14 @@ def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu',
 
 def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     "Train ViL-Seg; returns the final metrics (also written to `out_dir/metrics.json`)."
-    cfg = cfg or TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k): raise TypeError(f'unknown training parameter {k!r}')
-        setattr(cfg, k, v)
+    if cfg is None: cfg = TrainConfig.from_recipe(overrides.pop('recipe', None), **overrides)
+    else:
+        for k, v in overrides.items():
+            if not hasattr(cfg, k): raise TypeError(f'unknown training parameter {k!r}')
+            setattr(cfg, k, v)
+    cfg.validate()                                         # every value, and the data, before any work
+    p = Path(cfg.data)
+    if not p.exists(): raise FileNotFoundError(f'data={cfg.data}: no such world folder or captions file (make one with `vilseg world --out {cfg.data}`)')
     rank, ws, local = _dist_env()
     if ws > 1 and not dist.is_initialized():
         # rank 0 evaluates (and may refit the head) while the others wait at a barrier: allow it 2 hours

@@ -54,6 +54,29 @@ class ViLSegConfig:
     pamr_scale: float = 1.0           # read-out: PAMR runs at this fraction of the input size (1: the input size; 0.25: TCL's placement)
     bn_stats: str = 'global'          # which training forwards update BatchNorm running statistics: 'global' (the global views only) or 'all'
 
+    def validate(self) -> 'ViLSegConfig':
+        "Every value checked (before a model is built): a ValueError naming the parameter."
+        for k in ('lambda_vision', 'lambda_cluster', 'lambda_nouns', 'cluster_warmup', 'cluster_images'):
+            if getattr(self, k) < 0: raise ValueError(f'{k} must be >= 0, got {getattr(self, k)}')
+        for k in ('vision_temperature', 'iic_lambda', 'attn_temperature', 'head_hidden'):
+            if not getattr(self, k) > 0: raise ValueError(f'{k} must be > 0, got {getattr(self, k)}')
+        if self.n_clusters < 2: raise ValueError(f'n_clusters must be >= 2, got {self.n_clusters}')
+        if not 0 <= self.ema_momentum < 1: raise ValueError(f'ema_momentum must be in [0, 1), got {self.ema_momentum}')
+        if self.cross_pool not in ('mean', 'attn'): raise ValueError(f"cross_pool must be 'mean' or 'attn', got {self.cross_pool!r}")
+        if self.noun_loss not in ('soft', 'any'): raise ValueError(f"noun_loss must be 'soft' or 'any', got {self.noun_loss!r}")
+        if self.noun_parse not in NOUN_PARSES: raise ValueError(f"noun_parse must be one of {NOUN_PARSES}, got {self.noun_parse!r}")
+        if self.noun_pool not in ('image', 'patches'): raise ValueError(f"noun_pool must be 'image' or 'patches', got {self.noun_pool!r}")
+        if self.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {self.noun_tau}')
+        if self.pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {self.pamr_iters}')
+        pamr_dilations(self.pamr_dilations)                  # bad dilations named now, not at the first read-out
+        if self.refine_iters < 0 or self.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {self.refine_iters}, {self.refine_tau}')
+        if self.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {self.cluster_images}')
+        if self.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {self.dense_features!r}")
+        if self.bn_stats not in ('global', 'all'): raise ValueError(f"bn_stats must be 'global' or 'all', got {self.bn_stats!r}")
+        if not 0 < self.pamr_scale <= 1: raise ValueError(f'pamr_scale must be in (0, 1], got {self.pamr_scale}')
+        if self.noun_bank and self.lambda_nouns <= 0: raise ValueError(f'noun_bank=True needs the noun contrast (lambda_nouns > 0), got lambda_nouns={self.lambda_nouns}')
+        return self
+
 # %% ../nbs/08_vilseg.ipynb #c008
 def _as_names(class_names) -> list[list[str]]:
     return [[c] if isinstance(c, str) else list(c) for c in class_names]
@@ -83,18 +106,7 @@ class ViLSeg(nn.Module):
     def __init__(self, cfg: ViLSegConfig | None = None, **kw):
         super().__init__()
         self.cfg = cfg = cfg or ViLSegConfig(**kw)
-        if cfg.noun_loss not in ('soft', 'any'): raise ValueError(f"noun_loss must be 'soft' or 'any', got {cfg.noun_loss!r}")
-        if cfg.noun_parse not in NOUN_PARSES: raise ValueError(f"noun_parse must be one of {NOUN_PARSES}, got {cfg.noun_parse!r}")
-        if cfg.noun_pool not in ('image', 'patches'): raise ValueError(f"noun_pool must be 'image' or 'patches', got {cfg.noun_pool!r}")
-        if cfg.noun_tau <= 0: raise ValueError(f'noun_tau must be > 0, got {cfg.noun_tau}')
-        if cfg.pamr_iters < 0: raise ValueError(f'pamr_iters must be >= 0, got {cfg.pamr_iters}')
-        pamr_dilations(cfg.pamr_dilations)                  # bad dilations named now, not at the first read-out
-        if cfg.refine_iters < 0 or cfg.refine_tau <= 0: raise ValueError(f'refine_iters must be >= 0 and refine_tau > 0, got {cfg.refine_iters}, {cfg.refine_tau}')
-        if cfg.cluster_images < 0: raise ValueError(f'cluster_images must be >= 0 (0: the whole batch), got {cfg.cluster_images}')
-        if cfg.dense_features not in ('tokens', 'value'): raise ValueError(f"dense_features must be 'tokens' or 'value', got {cfg.dense_features!r}")
-        if cfg.bn_stats not in ('global', 'all'): raise ValueError(f"bn_stats must be 'global' or 'all', got {cfg.bn_stats!r}")
-        if not 0 < cfg.pamr_scale <= 1: raise ValueError(f'pamr_scale must be in (0, 1], got {cfg.pamr_scale}')
-        if cfg.noun_bank and cfg.lambda_nouns <= 0: raise ValueError(f'noun_bank=True needs the noun contrast (lambda_nouns > 0), got lambda_nouns={cfg.lambda_nouns}')
+        cfg.validate()
         self.clip, self.tokenizer = create_clip(cfg.model, cfg.pretrained)
         if cfg.dense_features == 'value' and not len(getattr(getattr(self.clip.visual, 'transformer', None), 'resblocks', [])):
             raise ValueError(f"dense_features='value' needs an image transformer with at least one block; {cfg.model} has none")

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 from .world import voc_palette
 
 # %% auto #0
-__all__ = ['PALETTE', 'colorize', 'overlay', 'cluster_colors', 'plot_curves', 'show_predictions', 'plot_per_class']
+__all__ = ['PALETTE', 'colorize', 'overlay', 'cluster_colors', 'label_shares', 'save_overlay', 'plot_curves', 'show_predictions',
+           'plot_per_class']
 
 # %% ../nbs/13_viz.ipynb #c003
 PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
@@ -38,6 +39,31 @@ def cluster_colors(clusters) -> np.ndarray:
     cm = matplotlib.colormaps['tab20']
     c = np.asarray(clusters.cpu() if torch.is_tensor(clusters) else clusters)
     return (cm(c % 20)[..., :3] * 255).astype(np.uint8)
+
+# %% ../nbs/13_viz.ipynb #k001
+def label_shares(label, names) -> dict[str, float]:
+    "Share of the pixels of each class present in `label` (indices into `names`; a name may be a list of synonyms), largest first."
+    lab = np.asarray(label.cpu() if torch.is_tensor(label) else label)
+    idx, cnt = np.unique(lab, return_counts=True)
+    nm = [n if isinstance(n, str) else n[0] for n in names]
+    return {nm[i]: round(float(c) / lab.size, 4) for i, c in sorted(zip(idx, cnt), key=lambda ic: -ic[1]) if i < len(nm)}
+
+def save_overlay(image, label, names, path, bg_index: int | None = 0, alpha: float = 0.5, title: str | None = None):
+    "Write the overlay of `label` on `image` with a colour key: each class present, its colour and its pixel share."
+    from matplotlib.patches import Patch
+    shares = label_shares(label, names)
+    nm = [n if isinstance(n, str) else n[0] for n in names]
+    ov = overlay(image, label, alpha, bg_index)
+    h, w = ov.shape[:2]
+    fig, ax = plt.subplots(figsize=(max(3.0, w / 100) + 2.2, max(2.5, h / 100)), dpi=100)
+    ax.imshow(ov); ax.axis('off')
+    if title: ax.set_title(title, fontsize=9)
+    handles = [Patch(facecolor=(PALETTE[nm.index(n)] / 255) if nm.index(n) != bg_index else 'none', edgecolor='black',
+                     label=f'{n} {100 * s:.1f}%') for n, s in shares.items()]
+    ax.legend(handles=handles, loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout(); Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path); plt.close(fig)
+    return shares
 
 # %% ../nbs/13_viz.ipynb #c005
 def plot_curves(metrics_jsonl, keys=('loss', 'cross', 'vision', 'cluster', 'nouns'), path=None, ax=None):

@@ -310,7 +310,7 @@ def make_world(out, n_train: int = 20000, n_val: int = 500, cfg: WorldConfig | N
                shard_size: int = 2000, workers: int | None = None, progress: bool = True) -> dict:
     "Generate (or reuse) a world on disk; returns the `world.json` content."
     from concurrent.futures import ProcessPoolExecutor
-    from tqdm.auto import tqdm
+    from vilseg.core import tqdm
     cfg = cfg or WorldConfig(); out = Path(out)
     want = json.loads(json.dumps({'config': asdict(cfg), 'n_train': n_train, 'n_val': n_val, 'version': 2}))
     wj = out / 'world.json'

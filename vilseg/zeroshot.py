@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
+from .core import tqdm
 
 from .core import (VilsegDataError, set_seed, rng_state, set_rng_state, atomic_save, atomic_write_json, atomic_write_text,
                    load_checkpoint, make_run_dir, get_device, _atomic_write_bytes)

@@ -315,7 +315,7 @@ def test_protocol_variants_match_their_cards():
         t = get_protocol(b, 'tcl')
         assert (t.short_side, t.window, t.stride, t.resize, t.pixel_norm, t.bg_rule, t.bg_threshold, t.score_map) == \
             (448, 448, 224, 'mmseg', 'imagenet', 'constant', 0.4, 'tcl_kp'), b
-        assert t.pamr_iters == 10 and tuple(t.pamr_dilations) == (1, 2, 4, 8, 12, 24) and len(get_templates(t.templates)) == 9
+        assert t.pamr_iters == 10 and t.pamr_scale == 0.25 and tuple(t.pamr_dilations) == (1, 2, 4, 8, 12, 24) and len(get_templates(t.templates)) == 9
         assert all(len(c) == 1 for c in read_class_names(t.class_names_file))          # the datasets' single names
     # SCLIP's background queries: 26 stuff words for VOC21 and COCO-Object, 'background' for Context60
     bgw = read_class_names(get_protocol('voc21', 'sclip').class_names_file, unique=False)[0]

@@ -68,6 +68,7 @@ class Protocol:
     score_map: str = 'cosine'         # 'constant': the score compared with the constant: 'cosine' or 'tcl_kp' (sigmoid(10 (s - 0.25)))
     pamr_iters: int | None = None     # PAMR steps set by the protocol (None: the model's own)
     pamr_dilations: tuple | None = None
+    pamr_scale: float | None = None   # PAMR at this fraction of the window (None: the model's own; TCL: 0.25)
 
     def describe(self) -> str:
         inf = f'slide {self.window}/{self.stride}' if self.window else 'whole image'
@@ -169,14 +170,15 @@ def _tcl(p: Protocol) -> dict:
     - score: TCL's masks come from its trained decoder; for a CLIP model the protocol uses TCL's own fixed mapping of
       CLIP (MaskCLIP) similarity to a mask, sigmoid(10 (s - 0.25)): models/tcl/tcl.py `kp_branch`
     - PAMR: 10 steps, dilations 1, 2, 4, 8, 12, 24: models/tcl/tcl.py `apply_pamr`, configs/eval.yml `pamr: true`
-      (ours runs at each window's pixel size, TCL's at its mask's resolution)
+      at a quarter of the window's size, as TCL's mask decoder's output (`pamr_scale=0.25`; the image resized to it
+      with align_corners=True as `apply_pamr` does)
     - pixels: ImageNet mean/std: segmentation/configs/_base_/datasets/*.py `img_norm_cfg`, us/misc.py `DEFAULT_MEAN`
     - dense read-out: TCL's CLIP features are MaskCLIP's, `--dense maskclip` (configs/tcl.yml `ie_ignore_last_attn: true`)"""
     if p.benchmark == 'world': raise ValueError('the tcl protocol is defined for the real benchmarks, not the world preset')
     return dict(variant='tcl', short_side=448, window=448, stride=224, templates='tcl', resize='mmseg', pixel_norm='imagenet',
                 class_names_file=str(class_names_file(p.benchmark, 'mmseg')), synonyms='average', bg_rule='constant',
                 bg_threshold=0.4, score_map='tcl_kp', prob_scale=None, prob_thd=0.0, area_thd=None, pamr_iters=10,
-                pamr_dilations=(1, 2, 4, 8, 12, 24))
+                pamr_dilations=(1, 2, 4, 8, 12, 24), pamr_scale=0.25)
 
 PROTOCOL_VARIANTS = {'vilseg': _vilseg, 'sclip': _sclip, 'tcl': _tcl}
 
@@ -267,10 +269,11 @@ def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster',
         kw = dict(queries=queries, decide=decide)
     if p.pixel_norm == 'imagenet': kw.update(pixel_mean=IMAGENET_MEAN_STD[0], pixel_std=IMAGENET_MEAN_STD[1])
     cfg = getattr(model, 'cfg', None)
-    saved = (cfg.pamr_iters, cfg.pamr_dilations) if cfg is not None and hasattr(cfg, 'pamr_iters') else None
+    saved = (cfg.pamr_iters, cfg.pamr_dilations, cfg.pamr_scale) if cfg is not None and hasattr(cfg, 'pamr_iters') else None
     if saved is not None and p.pamr_iters is not None:
         cfg.pamr_iters = p.pamr_iters
         if p.pamr_dilations: cfg.pamr_dilations = tuple(p.pamr_dilations)
+        if p.pamr_scale: cfg.pamr_scale = p.pamr_scale
     try:
         r = evaluate(model, ds, class_names=names, method=method, bg_index=bg, bg_threshold=p.bg_threshold,
                      thresholds=thresholds, batch_size=1 if p.short_side or p.window else 32, max_images=max_images,
@@ -278,7 +281,7 @@ def run_protocol(model, protocol: str | Protocol, root, method: str = 'cluster',
                      bg_score=p.bg_score, prob_scale=p.prob_scale, dense=dense, device=device, progress=progress,
                      seen=seen, unseen=unseen, resize=p.resize, **kw)
     finally:
-        if saved is not None: cfg.pamr_iters, cfg.pamr_dilations = saved
+        if saved is not None: cfg.pamr_iters, cfg.pamr_dilations, cfg.pamr_scale = saved
     r['protocol'] = asdict(p); r['dense'] = dense; r['class_names'] = [n[0] for n in names]
     r['data'] = str(root); r['split'] = ds.split
     return r

@@ -314,6 +314,7 @@ def _trim_to_common_batch(batch: dict, ws: int) -> int:
         if torch.is_tensor(v) or isinstance(v, list): batch[k] = v[:n]
     return n
 
+# %% ../nbs/11_train.ipynb #c013b
 def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu', progress=False, methods=('cluster', 'dense')) -> dict:
     "ViL-Seg and dense-baseline mIoU on `val`, each at the background threshold calibrated on `calib`."
     out = {}
@@ -324,6 +325,7 @@ def validate(model, val, calib, eval_images=500, calib_images=200, device='cpu',
                        'iou': [None if v != v else float(v) for v in r['iou']], 'calibration_sweep': sweep}
     return out
 
+# %% ../nbs/11_train.ipynb #c013d
 def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     "Train ViL-Seg; returns the final metrics (also written to `out_dir/metrics.json`)."
     if cfg is None: cfg = TrainConfig.from_recipe(overrides.pop('recipe', None), **overrides)

@@ -95,6 +95,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_world.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_ratios.py
 	$(BIN)/python bench/bench_eval.py --model vilseg-tiny
 	$(BIN)/python bench/bench_eval.py --model ViT-B-16 --images 2
 	$(BIN)/python bench/bench_zeroshot.py

@@ -9,6 +9,9 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('TQDM_DISABLE', '1')
+# caches (class-name embeddings) in a folder of this run, not the user's ~/.cache/vilseg
+import tempfile
+os.environ.setdefault('VILSEG_CACHE', tempfile.mkdtemp(prefix='vilseg-test-cache-'))
 
 
 def pytest_configure(config):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import json, os, random, sys, tempfile, io
+import hashlib, json, os, random, sys, tempfile, io
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['VilsegDataError', 'set_seed', 'get_device', 'rng_state', 'set_rng_state', 'atomic_write_text', 'atomic_write_json',
-           'atomic_save', 'load_checkpoint', 'make_run_dir', 'tqdm']
+           'atomic_save', 'load_checkpoint', 'make_run_dir', 'tqdm', 'file_sha256', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #c004
 class VilsegDataError(ValueError):
@@ -127,3 +127,15 @@ def tqdm(*args, **kw):
         return text_bar(*args, **{'mininterval': 10.0, 'file': sys.stderr, 'ascii': True, **kw})
     from tqdm.auto import tqdm as auto_bar
     return auto_bar(*args, **kw)
+
+# %% ../nbs/00_core.ipynb #h001
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    "The SHA-256 of a file's bytes (hex)."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''): h.update(b)
+    return h.hexdigest()
+
+def cache_dir() -> Path:
+    "Where vilseg keeps its caches: `$VILSEG_CACHE`, else `~/.cache/vilseg` (created on use)."
+    return Path(os.environ.get('VILSEG_CACHE') or Path.home() / '.cache' / 'vilseg')

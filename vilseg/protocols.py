@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace, asdict, fields
 from pathlib import Path
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from .core import atomic_write_json, atomic_write_text, load_checkpoint, VilsegDataError
+from .core import atomic_write_json, atomic_write_text, load_checkpoint, VilsegDataError, file_sha256
 from .segdata import load_benchmark, read_class_names, class_names_file, VOCStyleSegmentation
 from .vilseg import ViLSeg, ViLSegConfig, WORLD_TEMPLATES
 from .evaluate import evaluate
@@ -211,6 +211,8 @@ def clip_baseline(model: str = 'ViT-B-16', pretrained: str | None = None, device
         warnings.warn(f'{model} without --pretrained weights is randomly initialised: its segmentation is noise (pass an '
                       'open_clip tag or a weights file)', UserWarning, stacklevel=2)
     m = ViLSeg(ViLSegConfig(model=model, pretrained=pretrained, lambda_cluster=0, lambda_vision=0))
+    if pretrained:   # frozen weights with an identity: their class embeddings are cached on disk
+        m.ident = f'open_clip:{model}:' + (f'sha256:{file_sha256(pretrained)}' if Path(str(pretrained)).is_file() else str(pretrained))
     return m.eval().to(device)
 
 # %% ../nbs/12_protocols.ipynb #c011
@@ -324,6 +326,7 @@ def load_model(checkpoint, device='cpu') -> tuple[ViLSeg, dict]:
         raise VilsegDataError(checkpoint, f'its weights do not fit the {mcfg.model} model its config names '
                                           f'({first[1].strip() if len(first) > 1 else first[0]})') from None
     model.eval().to(device)
+    model.ident = f'vilseg-checkpoint:{file_sha256(checkpoint)}'   # frozen weights: class embeddings cached on disk
     return model, ck['config']
 
 def calibrated_threshold(checkpoint, method: str) -> float | None:

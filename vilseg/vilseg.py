@@ -4,13 +4,14 @@
 
 # %% ../nbs/08_vilseg.ipynb #c006
 from __future__ import annotations
-import contextlib, copy
+import contextlib, copy, hashlib, json
 from dataclasses import dataclass, asdict, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch_to
 
+from .core import cache_dir, atomic_save
 from .encoders import create_clip, image_features, text_features, encode_text
 from .losses import cross_modal_loss, vision_contrast_loss, iic_loss, attentive_cross_modal_loss, multi_label_contrast_loss, bank_distill_loss, NounExtractor, NOUN_PARSES
 from .clustering import ClusterHead, cluster_embeddings, refine_assignments, pamr, pamr_dilations
@@ -117,6 +118,8 @@ class ViLSeg(nn.Module):
         if cfg.ema_momentum > 0:
             self.teacher = copy.deepcopy(self.clip.visual).requires_grad_(False)
         self._text_cache = {}
+        self.ident = None                 # the frozen weights' identity (`load_model`, `clip_baseline`): class embeddings cached on disk
+        self.ident = None                 # the frozen weights' identity (`load_model`, `clip_baseline`): class embeddings cached on disk
         self.nouns = None                 # a NounExtractor, set by `set_noun_vocab` when lambda_nouns > 0
         self.noun_bank = None             # with cfg.noun_bank: an nn.Embedding, one row per vocabulary noun (`set_noun_vocab`)
         self.register_load_state_dict_pre_hook(_load_noun_bank)
@@ -140,7 +143,7 @@ class ViLSeg(nn.Module):
 def forward(self, batch: dict, step: int | None = None) -> dict:
     "Losses for one batch: dict with `loss` (to backprop) and each term (detached floats for logging)."
     cfg, clip = self.cfg, self.clip
-    self._text_cache.clear()
+    self._text_cache.clear(); self.ident = None          # the weights are about to change: no disk cache for them
     g = batch['global']
     patches_needed = cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn' or (cfg.lambda_nouns > 0 and cfg.noun_pool == 'patches')
     fg = image_features(clip, g, dense=cfg.dense_features if patches_needed else 'none')
@@ -227,16 +230,30 @@ def update_teacher(self):
 @patch_to(ViLSeg)
 @torch.no_grad()
 def class_embeddings(self, class_names, templates=None) -> torch.Tensor:
-    "`C x D` normalised text embeddings, each the mean over templates and synonyms of a class."
+    """`C x D` normalised text embeddings, each the mean over templates and synonyms of a class. Kept in memory, and on
+    disk (`core.cache_dir()/text`) for a model with an identity (`self.ident`, set by `load_model` and `clip_baseline`
+    for frozen weights): a second run with the same weights, classes and templates reads them instead of encoding."""
     names = _as_names(class_names); templates = list(templates or WORLD_TEMPLATES)
     key = (tuple(map(tuple, names)), tuple(templates))
     if key in self._text_cache: return self._text_cache[key]
+    path = None
+    if self.ident is not None:
+        h = hashlib.sha256(json.dumps([self.ident, [list(n) for n in names], templates]).encode()).hexdigest()[:40]
+        path = cache_dir() / 'text' / f'{h}.pt'
+        if path.is_file():
+            try: res = torch.load(path, map_location='cpu', weights_only=True)
+            except Exception: res = None                       # a damaged cache file is recomputed
+            if isinstance(res, torch.Tensor) and res.shape[0] == len(names):
+                self._text_cache[key] = res = res.to(self.clip.logit_scale.device)
+                return res
     prompts = [t.format(s) for syn in names for s in syn for t in templates]
     emb = text_features(self.clip, self.tokenizer, prompts, normalize=True)
     out, i = [], 0
     for syn in names:
         n = len(syn) * len(templates); out.append(F.normalize(emb[i:i + n].mean(0), dim=-1)); i += n
     self._text_cache[key] = res = torch.stack(out)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True); atomic_save(res.cpu(), path)
     return res
 
 # %% ../nbs/08_vilseg.ipynb #r003

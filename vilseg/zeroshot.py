@@ -28,10 +28,10 @@ from .proposals import (ProposalConfig, LossConfig, MaskProposalDecoder, Proposa
 
 # %% auto #0
 __all__ = ['ZS_SPLITS', 'PSEUDO_PROTOCOLS', 'PSEUDO_DEFAULT_THRESHOLD', 'VARIANTS', 'ZS_RESUMABLE', 'TABLE_COLUMNS',
-           'ZeroShotSplit', 'resolve_split', 'file_sha256', 'Backbone', 'ZeroShotData', 'feature_cache',
-           'pseudo_assign', 'pseudo_quality', 'make_pseudo_labels', 'ensemble_probs', 'zeroshot_scores',
-           'evaluate_zeroshot', 'ZeroShotConfig', 'load_zeroshot', 'train_zeroshot', 'zeroshot_table',
-           'plot_zeroshot_table', 'show_zeroshot']
+           'ZeroShotSplit', 'resolve_split', 'Backbone', 'ZeroShotData', 'feature_cache', 'pseudo_assign',
+           'pseudo_quality', 'make_pseudo_labels', 'ensemble_probs', 'zeroshot_scores', 'evaluate_zeroshot',
+           'ZeroShotConfig', 'load_zeroshot', 'train_zeroshot', 'zeroshot_table', 'plot_zeroshot_table',
+           'show_zeroshot']
 
 # %% ../nbs/17_zeroshot.ipynb #c005
 @dataclass(frozen=True)
@@ -92,11 +92,7 @@ def resolve_split(preset: str, root, class_names_file=None, unseen=None) -> dict
     return dict(train=train, val=val, class_names=names, seen=seen_idx, unseen=unseen_idx, bg_index=bg, split=sp)
 
 # %% ../nbs/17_zeroshot.ipynb #c007
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(chunk), b''): h.update(b)
-    return h.hexdigest()
+from .core import file_sha256          # the identity of a weights file (00_core)
 
 class Backbone:
     "A frozen (or fine-tuned) vision-language backbone: a ViL-Seg checkpoint or an open_clip model."

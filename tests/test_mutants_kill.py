@@ -1,0 +1,422 @@
+"""Tests written against the survivors of `make mutants` (tests/mutants/run_mutants.py, docs/mutation.md): each
+checks a number the read-out, the metric, the evaluation or a loss reports against an expectation computed here."""
+import itertools, math, warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vilseg.metrics import ConfusionMatrix, hiou
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_rejects_non_integer_maps_and_bad_sizes():
+    g = torch.zeros(4, dtype=torch.long)
+    for bad in (torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.complex64), torch.zeros(4)):
+        with pytest.raises(TypeError, match=f'expected integer label maps, got {bad.dtype}'): ConfusionMatrix(3).update(bad, g)
+    with pytest.raises(ValueError, match='^num_classes must be positive, got 0$'): ConfusionMatrix(0)
+    assert ConfusionMatrix(1).update(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)).compute()['miou'] == 1.0
+    with pytest.raises(ValueError, match=r'prediction shape \(2,\) != target shape \(3,\)'):
+        ConfusionMatrix(3).update(torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    # the message lists the first ten offending labels, sorted
+    t = torch.arange(3, 23); p = torch.zeros_like(t)
+    with pytest.raises(ValueError) as e: ConfusionMatrix(3).update(p, t)
+    assert str(e.value) == f'ground-truth labels outside [0, 3) and not ignore_index=255: {list(range(3, 13))}'
+    with pytest.raises(ValueError, match='outside'): ConfusionMatrix(3).update(torch.tensor([0]), torch.tensor([-1]))
+
+
+def test_metrics_default_ignore_index_is_255_and_counts_are_exact():
+    lab = torch.tensor([[0, 1, 255], [2, 255, 1]]); pred = torch.tensor([[0, 2, 1], [2, 0, 1]])
+    cm = ConfusionMatrix(3).update(pred, lab)
+    assert cm.ignore_index == 255 and cm.device == torch.device('cpu') and cm.mat.dtype == cm.invalid.dtype == torch.int64
+    expect = np.zeros((3, 3), np.int64)
+    for l, p in [(0, 0), (1, 2), (2, 2), (1, 1)]: expect[l, p] += 1
+    np.testing.assert_array_equal(cm.mat.numpy(), expect)
+    assert repr(cm) == 'ConfusionMatrix(3 classes, 4 pixels)'
+    # another ignore index: 255 is then a label outside [0, C) and refused; 1 is left out
+    cm1 = ConfusionMatrix(3, ignore_index=1).update(torch.tensor([0, 0, 2]), torch.tensor([1, 2, 2]))
+    assert cm1.mat.sum() == 2 and cm1.mat[2, 0] == 1 and cm1.mat[2, 2] == 1
+    # uint8 label maps (as read from PNG files) with many classes: label * C + prediction must not wrap around in uint8
+    C = 20
+    lab8 = np.array([19, 18, 0, 255], np.uint8); pred8 = np.array([19, 2, 0, 7], np.uint8)
+    cm8 = ConfusionMatrix(C).update(pred8, lab8)
+    assert cm8.mat[19, 19] == 1 and cm8.mat[18, 2] == 1 and cm8.mat[0, 0] == 1 and cm8.mat.sum() == 3
+    # a prediction equal to C is outside [0, C): invalid, not class 0 of the next row
+    cmC = ConfusionMatrix(3).update(torch.tensor([3, 0]), torch.tensor([0, 1]))
+    assert cmC.mat.sum() == 1 and cmC.mat[1, 0] == 1 and cmC.invalid.tolist() == [1, 0, 0]
+    # the counts live on the matrix's device (the meta device: no data, only placement), in int64, also when loaded
+    cmm = ConfusionMatrix(2, device='meta')
+    assert cmm.mat.device.type == cmm.invalid.device.type == 'meta'
+    sd = ConfusionMatrix(2).update(torch.tensor([0, 1]), torch.tensor([0, 0])).state_dict()
+    sd = {**sd, 'mat': sd['mat'].int(), 'invalid': sd['invalid'].int()}
+    cmm.load_state_dict(sd)
+    assert cmm.mat.device.type == cmm.invalid.device.type == 'meta' and cmm.mat.dtype == cmm.invalid.dtype == torch.int64
+    c32 = ConfusionMatrix(2).load_state_dict(sd)
+    assert c32.mat.dtype == c32.invalid.dtype == torch.int64 and c32.mat.tolist() == [[1, 1], [0, 0]]
+
+
+def test_metrics_merge_state_dict_and_invalid_predictions():
+    a = ConfusionMatrix(3).update(torch.tensor([0, 5, 1]), torch.tensor([0, 1, 1]))
+    b = ConfusionMatrix(3).update(torch.tensor([-1, 2]), torch.tensor([2, 2]))
+    assert a.invalid.tolist() == [0, 1, 0] and b.invalid.tolist() == [0, 0, 1]
+    a.merge(b)
+    assert a.mat.sum() == 3 and a.invalid.tolist() == [0, 1, 1] and b.invalid.tolist() == [0, 0, 1]
+    assert repr(a) == 'ConfusionMatrix(3 classes, 5 pixels)'
+    with pytest.raises(ValueError, match='cannot merge 4-class counts into 3-class counts'): a.merge(ConfusionMatrix(4))
+    sd = ConfusionMatrix(3, ignore_index=7).update(torch.tensor([0, 9]), torch.tensor([0, 1])).state_dict()
+    assert sd['num_classes'] == 3 and sd['ignore_index'] == 7 and sd['invalid'].tolist() == [0, 1, 0]
+    c = ConfusionMatrix(3).load_state_dict(sd)
+    assert c.invalid.tolist() == [0, 1, 0] and c.mat[0, 0] == 1
+    sd['mat'] += 100; sd['invalid'] += 100                  # the loaded counts are copies, not views of the state
+    assert c.mat.sum() == 1 and c.invalid.sum() == 1
+    with pytest.raises(ValueError, match='state has 3 classes, this matrix 4'): ConfusionMatrix(4).load_state_dict(sd)
+    # invalid predictions count in the ground truth (recall) of their label, in no class's predictions
+    r = ConfusionMatrix(2).update(torch.tensor([0, 3, 1]), torch.tensor([0, 0, 1])).compute()
+    np.testing.assert_allclose(r['iou'], [1 / 2, 1.0]); np.testing.assert_allclose(r['acc'], [1 / 2, 1.0])
+    assert r['gt_pixels'].tolist() == [2, 1] and r['pred_pixels'].tolist() == [1, 1] and math.isclose(r['aacc'], 2 / 3)
+    assert r['gt_pixels'].dtype == r['pred_pixels'].dtype == np.int64
+    assert ConfusionMatrix(2).update(torch.tensor([1]), torch.tensor([1])).compute()['aacc'] == 1.0   # one pixel
+    from vilseg.metrics import per_class_table
+    t = per_class_table(r, ['a', 'b'])
+    assert t['acc'].tolist() == [0.5, 1.0] and t['gt_pixels'].tolist() == [2, 1]
+    with pytest.raises(ValueError, match='1 class names for 2 classes'): per_class_table(r, ['a'])
+
+
+def test_metrics_seen_unseen_checks_and_nan():
+    cm = ConfusionMatrix(3).update(torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match='^give both `seen` and `unseen` class indices$'): cm.compute(seen=[0])
+    with pytest.raises(ValueError, match='give both'): cm.compute(unseen=[0])
+    with pytest.raises(ValueError, match=r'^unseen indices outside \[0, 3\)$'): cm.compute(seen=[0], unseen=[3])
+    with pytest.raises(ValueError, match=r'^seen indices outside \[0, 3\)$'): cm.compute(seen=[-1], unseen=[2])
+    r = cm.compute(seen=[], unseen=[0, 1])                   # no seen class: its mean is NaN, not an error
+    assert math.isnan(r['miou_seen']) and r['miou_unseen'] == 1.0 and math.isnan(r['hiou'])
+    r = cm.compute(seen=[0, 1], unseen=[])
+    assert r['miou_seen'] == 1.0 and math.isnan(r['miou_unseen'])
+    assert hiou(0.5, 0.5) == 0.5 and hiou(0.2, 0.6) == pytest.approx(0.3)
+    r = cm.compute(seen=[0, 1], unseen=[2])                  # class 2 never appears: unseen mIoU and hIoU are NaN
+    assert r['miou_seen'] == 1.0 and math.isnan(r['miou_unseen']) and math.isnan(r['hiou'])
+    assert math.isnan(hiou(float('nan'), 0.5)) and math.isnan(hiou(0.5, float('nan')))
+    assert hiou(0.0, 0.0) == 0.0 and hiou(1.0, 0.0) == 0.0
+    r0 = ConfusionMatrix(2).compute()                        # no pixels at all: every mean is NaN
+    assert math.isnan(r0['miou']) and math.isnan(r0['macc']) and math.isnan(r0['aacc'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                       # and none of them comes from dividing by zero
+        ConfusionMatrix(2).compute()
+
+
+
+def _rank1_all_reduce(init_file, pred, lab, out):
+    import datetime
+    import torch.distributed as dist
+    from vilseg.metrics import ConfusionMatrix
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=1, world_size=2, timeout=datetime.timedelta(seconds=60))
+    cm = ConfusionMatrix(3).update(pred, lab).all_reduce()
+    out[:9] = cm.mat.reshape(-1); out[9:] = cm.invalid
+    dist.destroy_process_group()
+
+
+def test_confusion_all_reduce_with_the_test_process_as_rank_0(tmp_path):
+    """`all_reduce()` in a 2-process gloo group whose rank 0 is this process (so that a mutation tool that maps tests
+    to the functions they call can see it) and rank 1 a spawned process: both end with the summed counts. Not in
+    `make mutants`' selection: under mutmut's instrumented run the spawned rank never joins (not investigated)."""
+    import datetime
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    p0, l0 = torch.tensor([0, 1, 5, 2, 2]), torch.tensor([0, 1, 1, 2, 255])
+    p1, l1 = torch.tensor([2, -1, 0, 1]), torch.tensor([2, 0, 0, 2])
+    mat, inv = np.zeros((3, 3), np.int64), np.zeros(3, np.int64)
+    for p, l in zip(torch.cat([p0, p1]).tolist(), torch.cat([l0, l1]).tolist()):
+        if l == 255: continue
+        if 0 <= p < 3: mat[l, p] += 1
+        else: inv[l] += 1
+    out = torch.zeros(12, dtype=torch.int64).share_memory_()
+    proc = mp.get_context('spawn').Process(target=_rank1_all_reduce, args=(str(tmp_path / 'init'), p1, l1, out))
+    proc.start()
+    try:
+        dist.init_process_group('gloo', init_method=f'file://{tmp_path / "init"}', rank=0, world_size=2, timeout=datetime.timedelta(seconds=60))
+        cm = ConfusionMatrix(3).update(p0, l0).all_reduce()
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
+        proc.join(120)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(cm.mat.numpy(), mat); np.testing.assert_array_equal(cm.invalid.numpy(), inv)
+    np.testing.assert_array_equal(out[:9].view(3, 3).numpy(), mat); np.testing.assert_array_equal(out[9:].numpy(), inv)
+    assert inv.sum() == 2 and mat.sum() == 6
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def hand_bilinear(a: np.ndarray, H: int, W: int) -> np.ndarray:
+    "`C x h x w` -> `C x H x W`, bilinear with align_corners=False (source index (i + 0.5) h / H - 0.5, clamped at 0)."
+    C, h, w = a.shape
+    def idx(n_out, n_in):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+    y0, y1, ly = idx(H, h); x0, x1, lx = idx(W, w)
+    out = np.zeros((C, H, W))
+    for i in range(H):
+        for j in range(W):
+            out[:, i, j] = ((1 - ly[i]) * ((1 - lx[j]) * a[:, y0[i], x0[j]] + lx[j] * a[:, y0[i], x1[j]])
+                            + ly[i] * ((1 - lx[j]) * a[:, y1[i], x0[j]] + lx[j] * a[:, y1[i], x1[j]]))
+    return out
+
+
+def hand_patch_oracle(lab: np.ndarray, patch: int, C: int, ignore: int = 255) -> np.ndarray:
+    "Majority of the valid labels in each patch x patch cell (the grid padded up to whole cells), bilinear back to pixels."
+    H, W = lab.shape; gh, gw = -(-H // patch), -(-W // patch)
+    maj = np.zeros((gh, gw), int)
+    for I in range(gh):
+        for J in range(gw):
+            cell = lab[I * patch:(I + 1) * patch, J * patch:(J + 1) * patch]
+            cnt = np.bincount(cell[cell != ignore], minlength=C)
+            assert np.sort(cnt)[-1] > np.sort(cnt)[-2], 'a clear majority'
+            maj[I, J] = cnt.argmax()
+    up = hand_bilinear(np.eye(C)[maj].transpose(2, 0, 1), gh * patch, gw * patch)[:, :H, :W]
+    s = np.sort(up, 0); assert (s[-1] - s[-2]).min() > 1e-3, 'no ties between classes'
+    return up.argmax(0)
+
+
+class Items:
+    def __init__(self, images, labels, class_names): self.images, self.labels, self.class_names = images, labels, class_names
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i): return dict(image=self.images[i], label=self.labels[i])
+
+
+def _oracle_label():
+    lab = np.kron(np.array([[3, 2], [2, 1], [1, 0]]), np.ones((4, 4), int))[:9, :7]
+    lab[0, 0] = 1; lab[1, 1] = 0; lab[8, 0] = 255; lab[8, 4] = 2; lab[5, 5] = 255; lab[4, 3] = 3
+    return lab
+
+
+def test_evaluate_patch_oracle_against_hand_majority_and_bilinear():
+    from vilseg.evaluate import patch_oracle_labels, patch_oracle
+    lab = _oracle_label()
+    want = hand_patch_oracle(lab, 4, 4)
+    got = patch_oracle_labels(torch.as_tensor(lab), 4, 4)
+    assert got.shape == (9, 7) and (got.numpy() == want).all()
+    lab7 = np.where(lab == 255, 7, lab)                      # another ignore index
+    assert (patch_oracle_labels(torch.as_tensor(lab7), 4, 4, ignore_index=7).numpy() == want).all()
+    lab2 = np.kron(np.array([[0, 1, 1], [2, 3, 0]]), np.ones((4, 4), int))[:8, :10]; lab2[0, :2] = 1
+    ds = Items([None] * 3, [torch.as_tensor(lab), torch.as_tensor(lab2), torch.zeros(3, 3, dtype=torch.long)], ['a', 'b', 'c', 'd'])
+    r = patch_oracle(ds, 4, max_images=2)
+    p2 = hand_patch_oracle(lab2, 4, 4)
+    assert r['gt_pixels'].sum() == (lab != 255).sum() + lab2.size
+    keep = np.concatenate([lab.ravel(), lab2.ravel()]); pred = np.concatenate([want.ravel(), p2.ravel()])
+    m = keep != 255
+    iou = [np.sum((pred[m] == c) & (keep[m] == c)) / np.sum((pred[m] == c) | (keep[m] == c)) for c in range(4)]
+    np.testing.assert_allclose(r['iou'], iou)
+    assert patch_oracle(ds, 4)['gt_pixels'].sum() == r['gt_pixels'].sum() + 9
+
+
+def test_evaluate_roc_auc_against_pair_count():
+    from vilseg.evaluate import roc_auc
+    pos, neg = [0.1, 0.4, 0.4, 0.9, 0.3], [0.2, 0.4, 0.05]
+    want = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+    assert roc_auc(pos, neg) == pytest.approx(want, abs=1e-12) and roc_auc(np.array([[1.0]]), [0.0]) == 1.0
+    with pytest.raises(ValueError, match='roc_auc needs positives and negatives, got 0 and 3'): roc_auc([], neg)
+    with pytest.raises(ValueError, match='got 2 and 0'): roc_auc([1, 2], [])
+
+
+class ChannelOracle(torch.nn.Module):
+    "Foreground class k's score at a pixel: channel k of the uint8 image / 100 (so any map can be written in); records calls."
+    def __init__(self, names):
+        super().__init__(); self.names, self.calls = names, []
+        from types import SimpleNamespace
+        self.clip = SimpleNamespace(logit_scale=torch.tensor(math.log(10.0)))
+    def scores(self, images, class_names, **kw):
+        self.calls.append((tuple(images.shape), [c if isinstance(c, str) else tuple(c) for c in class_names], kw))
+        assert len(class_names) == len(self.names)
+        return images[:, :len(class_names)].float() / 100
+
+
+def test_evaluate_localization_auc_counts_and_subsample(monkeypatch):
+    import vilseg.evaluate as ev
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 100, (3, 6, 5), generator=g, dtype=torch.uint8) for _ in range(3)]
+    labs = [torch.randint(0, 3, (6, 5), generator=g) for _ in range(3)]
+    labs[0][0] = 255; labs[2][:, 0] = 2
+    names = ['bg', 'cat', 'dog']
+    m = ChannelOracle(['cat', 'dog'])
+    r = ev.localization_auc(m, Items(imgs, labs, names), max_images=2, batch_size=1, progress=False, dense='value')
+    pos, neg = [], []
+    for im, lab in zip(imgs[:2], labs[:2]):
+        best = (im[:2].float() / 100).max(0).values
+        pos += best[(lab != 255) & (lab != 0)].tolist(); neg += best[lab == 0].tolist()
+    want = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+    assert r['auc'] == pytest.approx(want, abs=1e-9)
+    assert (r['object_pixels'], r['background_pixels'], r['n_images'], r['method']) == (len(pos), len(neg), 2, 'dense')
+    assert [c[1] for c in m.calls] == [['cat', 'dog']] * 2 and all(c[0] == (1, 3, 6, 5) for c in m.calls)
+    assert m.calls[0][2] == dict(method='dense', bg_index=None, dense='value')
+    # another background index: class 2 is the background, 'bg' a foreground class
+    m2 = ChannelOracle(['bg', 'cat'])
+    r2 = ev.localization_auc(m2, Items(imgs, labs, names), bg_index=2, method='cluster', progress=False)
+    assert m2.calls[0][1] == ['bg', 'cat'] and m2.calls[0][2]['method'] == 'cluster' and r2['n_images'] == 3
+    assert r2['background_pixels'] == sum(int((l == 2).sum()) for l in labs)
+    # the subsample: k = max_pixels * n_obj // n_all object pixels and max_pixels - k background pixels, drawn without repeats
+    seen = {}
+    monkeypatch.setattr(ev, 'roc_auc', lambda p, n: seen.update(p=p, n=n) or 0.5)
+    ev.localization_auc(m, Items(imgs, labs, names), max_pixels=20, progress=False)
+    n_obj = sum(int(((l != 255) & (l != 0)).sum()) for l in labs); n_bg = sum(int((l == 0).sum()) for l in labs)
+    k = 20 * n_obj // (n_obj + n_bg)
+    assert (len(seen['p']), len(seen['n'])) == (k, 20 - k) and 0 < k < 20
+    ev.localization_auc(m, Items(imgs, labs, names), max_pixels=10_000, progress=False)
+    assert (len(seen['p']), len(seen['n'])) == (n_obj, n_bg)
+
+
+def test_evaluate_result_fields_sizes_and_errors():
+    from vilseg.evaluate import evaluate, calibrate_threshold
+    names = ['bg', 'cat', 'dog']
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randint(0, 100, (3, 8, 6), generator=g, dtype=torch.uint8) for _ in range(3)] + \
+           [torch.randint(0, 100, (3, 5, 9), generator=g, dtype=torch.uint8)]          # a batch of mixed sizes
+    labs = [torch.randint(0, 3, im.shape[1:], generator=g) for im in imgs]
+    ds = Items(imgs, labs, names)
+
+    def want(t, ims, lbs, bg=0):
+        preds = []
+        for im in ims:
+            s = im[:2].float() / 100; best, arg = s.max(0)
+            fg = torch.tensor([i for i in range(3) if i != bg])[arg]
+            preds.append(torch.where(best < t, torch.full_like(fg, bg), fg).numpy().ravel())
+        p, l = np.concatenate(preds), np.concatenate([x.numpy().ravel() for x in lbs])
+        return [np.sum((p == c) & (l == c)) / np.sum((p == c) | (l == c)) for c in range(3)]
+
+    m = ChannelOracle(['cat', 'dog'])
+    r = evaluate(m, ds, bg_threshold=0.5, batch_size=3, progress=False, method='dense', dense='value')
+    np.testing.assert_allclose(r['iou'], want(0.5, imgs, labs))
+    assert (r['n_images'], r['method'], r['bg_threshold']) == (4, 'dense', 0.5) and 'sweep' not in r
+    assert r['seconds'] >= 0 and r['images_per_second'] == pytest.approx(4 / max(r['seconds'], 1e-9))
+    assert [c[0] for c in m.calls] == [(3, 3, 8, 6), (1, 3, 5, 9)]          # one stacked batch, then the odd size alone
+    assert m.calls[0][2] == dict(method='dense', bg_index=None, templates=None, dense='value')
+    r = evaluate(ChannelOracle(['cat', 'dog']), ds, bg_threshold=0.3, max_images=2, batch_size=1, progress=False)
+    np.testing.assert_allclose(r['iou'], want(0.3, imgs[:2], labs[:2])); assert r['n_images'] == 2 and r['method'] == 'cluster'
+    # background class 1: the threshold puts class 1 in
+    r = evaluate(ChannelOracle(['bg', 'dog']), ds, bg_index=1, bg_threshold=0.4, progress=False)
+    np.testing.assert_allclose(r['iou'], want(0.4, imgs, labs, bg=1))
+    # no background class: the argmax over every class, no threshold
+    m3 = ChannelOracle(names)
+    r = evaluate(m3, ds, bg_index=None, thresholds=[0.2, 0.9], progress=False)
+    p = np.concatenate([(im[:3].float() / 100).argmax(0).numpy().ravel() for im in imgs])
+    l = np.concatenate([x.numpy().ravel() for x in labs])
+    np.testing.assert_allclose(r['iou'], [np.sum((p == c) & (l == c)) / np.sum((p == c) | (l == c)) for c in range(3)])
+    assert r['bg_threshold'] is None and 'sweep' not in r and m3.calls[0][1] == names
+    # short_side: the model sees the resized image, the scores come back to the label's size
+    m4 = ChannelOracle(['cat', 'dog'])
+    r = evaluate(m4, Items(imgs[:1], labs[:1], names), short_side=12, progress=False)
+    assert m4.calls[0][0] == (1, 3, 16, 12) and r['gt_pixels'].sum() == 48
+    with pytest.raises(ValueError, match=r'bg_index=3 is not a class index \(0..2\)'): evaluate(m, ds, bg_index=3, progress=False)
+    with pytest.raises(ValueError, match='bg_index=-1'): evaluate(m, ds, bg_index=-1, progress=False)
+    with pytest.raises(ValueError, match="bg_score must be 'cosine' or 'prob', got 'max'"): evaluate(m, ds, bg_score='max', progress=False)
+    with pytest.raises(ValueError, match='calibrate_threshold needs a background class'): calibrate_threshold(m, ds, bg_index=None)
+    with pytest.raises(ValueError, match='calibrate_threshold needs at least one threshold'): calibrate_threshold(m, ds, thresholds=[])
+    best, sweep = calibrate_threshold(ChannelOracle(['cat', 'dog']), ds, progress=False)   # the default sweep: -0.2 to 0.85 by 0.05
+    assert sorted(sweep) == pytest.approx(list(np.round(np.arange(-0.2, 0.9, 0.05), 3))) and len(sweep) == 22
+    assert sweep[best] == max(sweep.values())
+
+
+# ------------------------------------------------------------------------------------------------ the model's read-out
+def _micro(**kw):
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    torch.manual_seed(0)
+    return ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, **kw)).eval()
+
+
+def _unit(v): return v / v.norm(dim=-1, keepdim=True)
+
+
+def test_readout_class_embeddings_average_templates_and_synonyms():
+    from vilseg.encoders import text_features
+    from vilseg.vilseg import WORLD_TEMPLATES
+    m = _micro()
+    names, T = [['background'], ['star'], ('ring', 'donut')], ['a {}.', 'the {} here.']
+    t = m.class_embeddings(names, T)
+    assert t.shape[0] == 3
+    for c, syn in enumerate(names):
+        e = text_features(m.clip, m.tokenizer, [tt.format(s) for s in syn for tt in T], normalize=True).mean(0)
+        torch.testing.assert_close(t[c], _unit(e))
+    assert m.class_embeddings(names, T) is t                                   # cached
+    t2 = m.class_embeddings(names, ['{}'])                                     # other templates: not the cached value
+    torch.testing.assert_close(t2[1], _unit(text_features(m.clip, m.tokenizer, ['star'], normalize=True)[0]))
+    torch.testing.assert_close(m.class_embeddings(['star', 'background'], T), t[[1, 0]])   # plain strings are one-name classes
+    w = text_features(m.clip, m.tokenizer, [tt.format('star') for tt in WORLD_TEMPLATES], normalize=True).mean(0)
+    torch.testing.assert_close(m.class_embeddings(['star'])[0], _unit(w))      # the default templates
+
+
+def _features(m, x):
+    from vilseg.encoders import image_features
+    from vilseg.views import normalize
+    f = image_features(m.clip, normalize(x), dense='tokens')
+    ph, pw = m.clip.visual.patch_size
+    return f, F.normalize(f['patches'], dim=-1), (f['grid'][0] * ph, f['grid'][1] * pw)
+
+
+def _up(x, size, H, W): return F.interpolate(x, size=size, mode='bilinear', align_corners=False)[..., :H, :W]
+
+
+def _hand_em(z, logits, iters, tau, eps=1e-6):
+    "EM refit by hand: cluster means e_k = sum_n q_nk z_n / (m_k + eps), normalised; logits z.e_k / tau + log(m_k + eps)."
+    B, h, w, D = z.shape; zf = z.reshape(B, -1, D); lf = logits.reshape(B, h * w, -1)
+    for _ in range(iters):
+        q = lf.softmax(-1); mass = q.sum(1)                                    # B K
+        e = _unit(torch.stack([(q[..., k:k + 1] * zf).sum(1) / (mass[:, k:k + 1] + eps) for k in range(q.shape[-1])], 1))
+        lf = torch.stack([(zf * e[:, k:k + 1]).sum(-1) for k in range(e.shape[1])], -1) / tau + (mass[:, None, :] + eps).log()
+    return lf.reshape(logits.shape)
+
+
+def test_readout_scores_dense_cluster_background_and_sizes():
+    m = _micro()
+    H, W = 21, 30                                                              # not multiples of the patch: padded, then cropped
+    x = torch.randint(0, 255, (2, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    names = [['background'], ['star'], ['ring', 'donut'], ['box']]
+    f, z, size = _features(m, x)
+    t = m.class_embeddings(names[1:])
+    dense = _up((z @ t.T).permute(0, 3, 1, 2), size, H, W)
+    torch.testing.assert_close(m.scores(x, names[1:], method='dense'), dense)
+    # the background channel at its index holds the threshold; the other channels are the foreground classes' scores
+    S = m.scores(x, names, method='dense', bg_index=2, bg_threshold=0.25)
+    t2 = m.class_embeddings([names[i] for i in (0, 1, 3)])
+    d2 = _up((z @ t2.T).permute(0, 3, 1, 2), size, H, W)
+    assert S.shape == (2, 4, H, W) and (S[:, 2] == 0.25).all()
+    torch.testing.assert_close(S[:, [0, 1, 3]], d2)
+    torch.testing.assert_close(m.segment(x, names, method='dense', bg_index=2, bg_threshold=0.25), S.argmax(1))
+    # cluster read-out: cluster embeddings from the (refitted) soft assignments, named by the text; pixels mix them
+    for refine, iters in ((0, 0), (2, 2), (None, m.cfg.refine_iters)):
+        logits = _hand_em(z, m.head(f.get('tokens', f['patches'])), iters, m.cfg.refine_tau)   # B h w K
+        q = logits.softmax(-1); mass = q.sum((1, 2))
+        e = _unit(torch.einsum('bhwk,bhwd->bkd', q, z) / (mass[..., None] + 1e-6))
+        qpix = _up(logits.permute(0, 3, 1, 2), size, H, W).softmax(1)
+        want = torch.einsum('bkhw,bkc->bchw', qpix, e @ t.T)
+        torch.testing.assert_close(m.scores(x, names[1:], refine=refine), want, atol=1e-5, rtol=1e-4)
+        clus = _up(logits.permute(0, 3, 1, 2), size, H, W).argmax(1)
+        assert (m.clusters(x, refine=refine) == clus).float().mean() > 0.999
+    assert m.cfg.refine_iters == 5
+    # out_size: the maps resized to it at the end
+    torch.testing.assert_close(m.scores(x, names[1:], method='dense', out_size=(10, 12)),
+                               F.interpolate(dense, size=(10, 12), mode='bilinear', align_corners=False))
+    with pytest.raises(ValueError, match="method must be 'cluster' or 'dense', got 'kmeans'"): m.scores(x, names, method='kmeans')
+    with pytest.raises(ValueError, match=r'pamr_scale must be in \(0, 1\], got 0'): m.scores(x, names, pamr_iters=1, pamr_scale=0)
+    with pytest.raises(ValueError, match=r'pamr_scale must be in \(0, 1\], got 1.5'): m.scores(x, names, pamr_iters=1, pamr_scale=1.5)
+
+
+def test_readout_pamr_placement():
+    from vilseg.clustering import pamr
+    from vilseg.views import normalize
+    m = _micro(pamr_iters=2, pamr_dilations=(1, 2))
+    H, W = 21, 30
+    x = torch.randint(0, 255, (1, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    names = [['star'], ['ring']]
+    f, z, size = _features(m, x)
+    raw = (z @ m.class_embeddings(names).T).permute(0, 3, 1, 2)
+    # at the input size: PAMR on the score maps, with the normalised image
+    want = pamr(normalize(x), _up(raw, size, H, W), 2, (1, 2))
+    torch.testing.assert_close(m.scores(x, names, method='dense'), want)
+    torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=0), _up(raw, size, H, W))
+    # at half the input size (TCL's placement): maps at round(size / 2), the image resized with align_corners=True, then back
+    h, w = round(H * 0.5), round(W * 0.5); hp, wp = max(h, round(size[0] * 0.5)), max(w, round(size[1] * 0.5))
+    im = F.interpolate(normalize(x).float(), size=(h, w), mode='bilinear', align_corners=True)
+    s = pamr(im, _up(raw, (hp, wp), h, w), 3, (1, 2))
+    want = F.interpolate(s, size=(H, W), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=3, pamr_scale=0.5), want)
+    m.cfg.pamr_scale = 0.5                                                     # the model's own scale when none is given
+    torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=3), want)

@@ -151,19 +151,27 @@ def coco_stuff_lut() -> np.ndarray:
     for t, cid in enumerate(used): lut[cid - 1] = t
     return lut
 
-def coco_stuff_to_train_ids(maps_dir, out_dir, progress: bool = True, skip_existing: bool = False) -> dict:
-    "`maps_dir/*.png` (stuffthingmaps) -> `out_dir/{stem}_labelTrainIds.png`."
+def _map_stuffthingmaps(maps_dir, out_dir, lut, suffix: str, desc: str, progress: bool, skip_existing: bool, refuse=None) -> dict:
+    """Every `maps_dir/*.png` (stuffthingmaps) through the 256-entry `lut` into `out_dir/{stem}{suffix}.png`, written
+    atomically; `refuse`: a value of `lut` that marks a map as foreign (the file is refused, naming the raw values)."""
     maps, out = Path(maps_dir), Path(out_dir)
     files = sorted(maps.glob('*.png'))
     if not files: raise VilsegDataError(maps, 'no stuffthingmaps PNG files here')
-    lut = coco_stuff_lut(); out.mkdir(parents=True, exist_ok=True); n = 0
-    for f in tqdm(files, desc='coco-stuff', unit='img', disable=not progress):
-        o = out / f'{f.stem}_labelTrainIds.png'
+    out.mkdir(parents=True, exist_ok=True); n = 0
+    for f in tqdm(files, desc=desc, unit='img', disable=not progress):
+        o = out / f'{f.stem}{suffix}.png'
         if skip_existing and o.is_file(): continue
         raw = read_label(f).numpy()
         if raw.max(initial=0) > 255: raise VilsegDataError(f, 'values above 255: not a stuffthingmaps PNG')
-        _atomic_write_bytes(o, _png_bytes(lut[raw])); n += 1
+        lab = lut[raw]
+        if refuse is not None and (lab == refuse).any():
+            raise VilsegDataError(f, f'values {sorted(set(raw[lab == refuse].tolist()))[:5]} are no COCO category (id - 1): not a stuffthingmaps PNG')
+        _atomic_write_bytes(o, _png_bytes(lab)); n += 1
     return dict(maps=len(files), written=n)
+
+def coco_stuff_to_train_ids(maps_dir, out_dir, progress: bool = True, skip_existing: bool = False) -> dict:
+    "`maps_dir/*.png` (stuffthingmaps) -> `out_dir/{stem}_labelTrainIds.png`."
+    return _map_stuffthingmaps(maps_dir, out_dir, coco_stuff_lut(), '_labelTrainIds', 'coco-stuff', progress, skip_existing)
 
 def coco_object_lut() -> np.ndarray:
     """256-entry look-up table of GroupViT's `convert_dataset/convert_coco_object.py`: stuffthingmaps value (COCO id - 1)
@@ -177,20 +185,7 @@ def coco_object_lut() -> np.ndarray:
 
 def coco_object_from_stuffthingmaps(maps_dir, out_dir, progress: bool = True, skip_existing: bool = False) -> dict:
     "`maps_dir/*.png` (stuffthingmaps) -> `out_dir/{stem}_instanceTrainIds.png`: COCO-Object as GroupViT, TCL and SCLIP build it."
-    maps, out = Path(maps_dir), Path(out_dir)
-    files = sorted(maps.glob('*.png'))
-    if not files: raise VilsegDataError(maps, 'no stuffthingmaps PNG files here')
-    lut = coco_object_lut(); out.mkdir(parents=True, exist_ok=True); n = 0
-    for f in tqdm(files, desc='coco-object', unit='img', disable=not progress):
-        o = out / f'{f.stem}_instanceTrainIds.png'
-        if skip_existing and o.is_file(): continue
-        raw = read_label(f).numpy()
-        if raw.max(initial=0) > 255: raise VilsegDataError(f, 'values above 255: not a stuffthingmaps PNG')
-        lab = lut[raw]
-        if (lab == 254).any():
-            raise VilsegDataError(f, f'values {sorted(set(raw[lab == 254].tolist()))[:5]} are no COCO category (id - 1): not a stuffthingmaps PNG')
-        _atomic_write_bytes(o, _png_bytes(lab)); n += 1
-    return dict(maps=len(files), written=n)
+    return _map_stuffthingmaps(maps_dir, out_dir, coco_object_lut(), '_instanceTrainIds', 'coco-object', progress, skip_existing, refuse=254)
 
 # %% ../nbs/15_prep.ipynb #c011
 def check_ade20k(root, split: str = 'validation', max_check: int | None = 50) -> dict:

@@ -45,8 +45,8 @@ MODULES = {
     # the DDP tests of the losses (test_ddp_exact noun/iic, test_vilseg two_process_*) spawn processes, which mutmut's
     # forked runner cannot start: the selection is the single-process tests that call the losses
     'losses': dict(path='vilseg/losses.py',
-                   tests=['tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_mutants_kill.py',
-                          '-k', '(test_wiring.py and (vision or cluster_loss)) or (test_ddp_exact.py and batchnorm) '
+                   tests=['tests/test_losses_formulas.py', 'tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_mutants_kill.py',
+                          '-k', 'test_losses_formulas.py or (test_wiring.py and (vision or cluster_loss)) or (test_ddp_exact.py and batchnorm) '
                                 'or (test_mutants_kill.py and losses)']),
     'readout': dict(path='vilseg/vilseg.py',
                     functions=['vilseg.vilseg.x_class_embeddings__mutmut_*', 'vilseg.vilseg.x_scores__mutmut_*',

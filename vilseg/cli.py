@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, sys, warnings
+import argparse, json, sys
 from dataclasses import fields, asdict
 from pathlib import Path
 import numpy as np
@@ -46,12 +46,15 @@ def _dataclass_parser(p, cls, free_tuples: bool = False, given_only: bool = Fals
 
 def _given(cls, a) -> dict:
     "The fields of dataclass `cls` given on the command line (`_dataclass_parser(..., given_only=True)`), lists back to tuples."
-    return {f.name: (tuple(v) if isinstance(v, list) else v) for f in fields(cls) if hasattr(a, f.name) for v in [getattr(a, f.name)]}
+    out = {}
+    for f in fields(cls):
+        if hasattr(a, f.name):
+            v = getattr(a, f.name); out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
 
 def _from_args(cls, a):
-    "An instance of dataclass `cls` from the parsed options of `_dataclass_parser` (lists back to tuples)."
-    kw = {f.name: getattr(a, f.name) for f in fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()})
+    "An instance of dataclass `cls` from the parsed options of `_dataclass_parser` (every field present)."
+    return cls(**_given(cls, a))
 
 # %% ../nbs/14_cli.ipynb #p001
 def _parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ demo: $(STAMP)
 	set -o pipefail; VILSEG_PROGRESS=text $(BIN)/papermill nbs/experiments/train.ipynb runs/.demo-train.ipynb --cwd . --log-output \
 	  --no-progress-bar -p out_dir $(DEMO_DIR) -p overwrite True $(DEMO_ARGS) 2>&1 | grep --line-buffered -v -E "$(QUIET)"; \
 	  status=$$?; mkdir -p $(DEMO_DIR); mv runs/.demo-train.ipynb $(DEMO_DIR)/train.ipynb; \
-	  test $$status -eq 0 && $(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/metrics.json')); print('val mIoU %.3f (dense baseline %.3f, patch oracle %.3f) in %.0f s' % (m['val_miou'], m['val_miou_dense_baseline'], m['patch_oracle_miou'], m['total_seconds']))"; \
+	  test $$status -eq 0 && $(BIN)/python -c "import json; m = json.load(open('$(DEMO_DIR)/metrics.json')); print('val mIoU %.3f (dense baseline %.3f, patch oracle %.3f) in %.0f s; trained at %.0f images/s, the step alone %.0f (%.1f %% of the time waiting for data)' % (m['val_miou'], m['val_miou_dense_baseline'], m['patch_oracle_miou'], m['total_seconds'], m['images_per_s'], m['step_images_per_s'], 100 * m['loader_wait_fraction']))"; \
 	  exit $$status
 
 # The zero-shot track (nbs/16_proposals, 17_zeroshot): each variant x seed trained over the demo's ViL-Seg backbone (made

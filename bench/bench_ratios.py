@@ -18,6 +18,7 @@ from vilseg.train import TrainConfig, make_optimizer, world_datasets
 from vilseg.captions import collate_captions
 from vilseg.losses import build_noun_vocab
 from vilseg.vilseg import ViLSeg
+from vilseg.views import MultiView
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument('--data', default='data/world')
@@ -42,14 +43,15 @@ for name, cfg in recipes.items():
     opt = make_optimizer(m, cfg.lr, cfg.weight_decay)
     b = next(iter(DataLoader(ds, batch_size=a.batch_size, shuffle=True, collate_fn=collate_captions, generator=torch.Generator().manual_seed(0))))
     b.pop('n_skipped', None); b.update(b.pop('image'))
-    setups[name] = (m, opt, b)
+    setups[name] = (m, opt, b, MultiView(cfg.view_config()))
 
-def step(m, opt, b):
+def step(m, opt, b, views):
+    b = views.finish(dict(b))                               # the colour jitter of the uint8 views is part of the step, as in training
     o = m(b, step=500); opt.zero_grad(set_to_none=True); o['loss'].backward(); opt.step()
 
 flops = {}
-for name, (m, opt, b) in setups.items():
-    with FlopCounterMode(display=False) as fc: step(m, opt, b)
+for name, (m, opt, b, views) in setups.items():
+    with FlopCounterMode(display=False) as fc: step(m, opt, b, views)
     flops[name] = fc.get_total_flops()
 
 n = 2048                                                    # the practical peak: a large fp32 matmul, same process and threads
@@ -61,8 +63,8 @@ peak = 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 times = {k: [] for k in setups}
 for r in range(a.repeats + 1):                              # round 0 warms up
-    for name, (m, opt, b) in setups.items():
-        t = time.perf_counter(); step(m, opt, b); dt = time.perf_counter() - t
+    for name, (m, opt, b, views) in setups.items():
+        t = time.perf_counter(); step(m, opt, b, views); dt = time.perf_counter() - t
         if r: times[name].append(dt)
 
 base = statistics.median(times['plain CLIP (cross-modal only)'])

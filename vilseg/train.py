@@ -110,7 +110,7 @@ class TrainConfig:
     def view_config(self) -> ViewConfig:
         return ViewConfig(global_size=self.image_size, n_local=self.n_local, local_size=self.local_size,
                           local_scale=tuple(self.local_scale), global_scale=tuple(self.global_scale),
-                          pair=self.lambda_cluster > 0, pair_scale=tuple(self.pair_scale))
+                          pair=self.lambda_cluster > 0, pair_scale=tuple(self.pair_scale), batch_color=True)
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, **overrides) -> 'TrainConfig':
@@ -271,6 +271,7 @@ def refit_head(model: ViLSeg, dataset, steps: int = 300, lr: float = 1e-3, batch
             b = next(it); v = b.get('image')
             if v is None or len(v['global']) < 2: continue               # (almost) only bad samples, as in training
             if 'pair' not in v: raise ValueError('refit_head needs paired views: build the dataset with ViewConfig(pair=True)')
+            if hasattr(dataset.transform, 'finish'): dataset.transform.finish(v)   # uint8 views: jitter + normalise the batch
             with torch.no_grad():                                           # the head groups the final tokens (as in training)
                 zg, zp = (image_features(model.clip, v[k].to(device))['patches'] for k in ('global', 'pair'))
             loss = model.cluster_loss(zg, zp, v['pair_box'].to(device), v['pair_flip'].to(device), gather=False)   # rank 0 alone
@@ -295,6 +296,11 @@ def world_datasets(data: str, view_cfg: ViewConfig, captions: str = 'train.tsv')
     if p.suffix in ('.tsv', '.csv'):
         return CsvCaptions(p, transform=MultiView(view_cfg)), None, None
     raise ValueError(f'data={data!r}: expected a world folder with world.json or a captions .tsv/.csv file')
+
+def _background_worker(_):
+    """Loader workers run at the lowest CPU priority: on a machine whose cores the model step's threads fill, they use the
+    idle moments between the step's parallel regions instead of preempting one of its threads (which stalls all of them)."""
+    os.nice(19)
 
 def _unwrap(m): return m.module if hasattr(m, 'module') else m
 
@@ -382,11 +388,14 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     sampler = ResumableBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, ws, start_step=step)
     loader = DataLoader(SeededSamples(train_ds), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate_captions, persistent_workers=cfg.num_workers > 0,
-                        prefetch_factor=4 if cfg.num_workers > 0 else None)
+                        prefetch_factor=4 if cfg.num_workers > 0 else None, worker_init_fn=_background_worker)
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if (cfg.amp and device.type == 'cuda') else contextlib.nullcontext()
     log_f = open(out / 'metrics.jsonl', 'a') if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc='train', unit='step', disable=not cfg.progress or rank != 0)
     t_start = time.time(); t_last, n_img, skipped = time.time(), 0, 0
+    t_wait = t_wait_all = 0.0                              # time spent waiting for the loader (since the last log, in all)
+    n_img_all = 0
+    view_maker = MultiView(cfg.view_config())              # finishes the uint8 views of each batch (colour jitter, normalise)
     it = iter(loader)
 
     def save():
@@ -397,12 +406,13 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     model.train()
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     while step < end:
-        batch = next(it)
+        t0 = time.time(); batch = next(it); dt_wait = time.time() - t0; t_wait += dt_wait; t_wait_all += dt_wait
         skipped += int(batch.pop('n_skipped', 0))
         views = batch.pop('image', {}); batch.update(views)
         if _trim_to_common_batch(batch, ws) < 2:                   # a batch of (almost) only bad samples: skip it
             step += 1; sched.step(); bar.update(1); continue
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        view_maker.finish(batch, torch.Generator().manual_seed(((cfg.seed * 1009 + rank) << 24) + step))   # resumable: a seed per step
         with amp: o = ddp(batch, step=step)
         opt.zero_grad(set_to_none=True)
         o['loss'].backward()
@@ -410,16 +420,17 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         opt.step(); sched.step(); step += 1
         with torch.no_grad(): _unwrap(ddp).clip.logit_scale.clamp_(0, math.log(cfg.max_logit_scale))
         _unwrap(ddp).update_teacher()
-        n_img += batch['global'].shape[0] * ws
+        n_img += batch['global'].shape[0] * ws; n_img_all += batch['global'].shape[0] * ws
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t_last
             rec = {'step': step, 'lr': sched.get_last_lr()[0], 'grad_norm': gn, 'images_per_s': n_img / dt,
+                   'loader_wait': t_wait / dt,
                    **({'grad_norm_head': gn_head, 'lr_head': sched.get_last_lr()[-1]} if gn_head is not None else {}),
                    'skipped': skipped, **{k: float(v.detach()) for k, v in o.items()}}
             history.append(rec)
             if log_f: log_f.write(json.dumps(rec) + '\n'); log_f.flush()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{rec['images_per_s']:.0f}")
-            t_last, n_img = time.time(), 0
+            t_last, n_img, t_wait = time.time(), 0, 0.0
         bar.update(1)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps: save()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and val is not None:
@@ -436,6 +447,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if log_f: log_f.close()
         return {'steps': step, 'stopped_at': step, 'train_seconds': round(train_secs, 1)}
     result = {'steps': step, 'train_seconds': round(train_secs, 1), 'world_size': ws, 'skipped_samples': skipped,
+              'images_per_s': round(n_img_all / train_secs, 1), 'loader_wait_fraction': round(t_wait_all / train_secs, 4),
+              'step_images_per_s': round(n_img_all / max(train_secs - t_wait_all, 1e-9), 1),   # the rate had the loader never been waited for
               'final_loss': history[-1] if history else None}
     if rank == 0 and cfg.head_refit and not refitted:                # rank 0 only: it alone saves and evaluates
         m = _unwrap(ddp)

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 # %% auto #0
-__all__ = ['ViewConfig', 'normalize', 'denormalize', 'MultiView', 'eval_transform', 'align_to_pair']
+__all__ = ['ViewConfig', 'normalize', 'denormalize', 'adjust_batch', 'BatchColorJitter', 'MultiView', 'align_to_pair']
 
 # %% ../nbs/04_views.ipynb #c003
 @dataclass
@@ -28,6 +28,7 @@ class ViewConfig:
     pair_jitter: float = 0.4       # strength of the paired view's colour jitter (incl. hue)
     pair_gray: float = 0.2
     ratio: tuple = (3 / 4, 4 / 3)
+    batch_color: bool = False      # True: views stay uint8 and `MultiView.finish` jitters + normalises the collated batch
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     "uint8 (or float in [0,1]) RGB `...x3xHxW` -> float normalised with CLIP's mean/std."
@@ -42,41 +43,98 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     s = torch.tensor(OPENAI_DATASET_STD, device=x.device).view(3, 1, 1)
     return (x * s + m).clamp(0, 1)
 
+# %% ../nbs/04_views.ipynb #c003b
+from torchvision.transforms.v2.functional._color import _rgb_to_hsv, _hsv_to_rgb   # torchvision's batched HSV kernels
+
+def _luma(x): return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)   # torchvision's grayscale weights
+
+def _blend(a, b, f): return (f * a + (1 - f) * b).clamp_(0, 1)
+
+def adjust_batch(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    "One of `ColorJitter`'s operations (0 brightness, 1 contrast, 2 saturation, 3 hue) on float `Bx3xHxW` in [0, 1], a factor per image."
+    f = f.to(x).view(-1, 1, 1, 1)
+    if op == 0: return (x * f).clamp_(0, 1)
+    if op == 1: return _blend(x, _luma(x).mean((1, 2, 3), keepdim=True), f)
+    if op == 2: return _blend(x, _luma(x), f)
+    hsv = _rgb_to_hsv(x)
+    return _hsv_to_rgb(torch.cat([(hsv[:, :1] + f).remainder(1.0), hsv[:, 1:]], 1))
+
+# %% ../nbs/04_views.ipynb #c003c
+class BatchColorJitter:
+    """`v2.ColorJitter(brightness, contrast, saturation, hue)` then `v2.RandomGrayscale(gray)`, drawn independently for each
+    image of a batch and applied to the whole batch at once. uint8 or float [0, 1] `Bx3xHxW` in, float [0, 1] out."""
+    IDENTITY = (1., 1., 1., 0.)
+
+    def __init__(self, brightness: float = 0., contrast: float = 0., saturation: float = 0., hue: float = 0., gray: float = 0.):
+        self.ranges = [(max(0., 1 - v), 1 + v) if v else None for v in (brightness, contrast, saturation)] + \
+                      [(-hue, hue) if hue else None]
+        self.gray = gray
+
+    def params(self, n: int, generator: torch.Generator | None = None) -> dict:
+        "Per image: `factors` (n x 4), `order` (n x 4, a permutation of the four operations), `gray` (n, bool)."
+        lo = torch.tensor([r[0] if r else d for r, d in zip(self.ranges, self.IDENTITY)])
+        hi = torch.tensor([r[1] if r else d for r, d in zip(self.ranges, self.IDENTITY)])
+        factors = lo + (hi - lo) * torch.rand(n, 4, generator=generator)
+        order = torch.rand(n, 4, generator=generator).argsort(1)
+        gray = torch.rand(n, generator=generator) < self.gray
+        return dict(factors=factors, order=order, gray=gray)
+
+    def apply(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.clone()
+        for k in range(4):                                     # the k-th operation of every image
+            for op, r in enumerate(self.ranges):
+                if r is None: continue
+                idx = (p['order'][:, k] == op).nonzero()[:, 0].to(x.device)
+                if len(idx): x[idx] = adjust_batch(x[idx], op, p['factors'][idx.cpu(), op])
+        g = p['gray'].to(x.device)
+        if g.any(): x[g] = _luma(x[g]).expand(-1, 3, -1, -1)
+        return x
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, self.params(x.shape[0], generator))
+
 # %% ../nbs/04_views.ipynb #c004
 class MultiView:
-    "uint8 image tensor 3xHxW -> dict of normalised views (see the chapter text)."
+    "uint8 image tensor 3xHxW -> dict of views (see the chapter text): normalised, or uint8 with `cfg.batch_color`."
     def __init__(self, cfg: ViewConfig | None = None):
         self.cfg = c = cfg or ViewConfig()
-        self.g_jit = v2.ColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
-        self.p_jit = v2.Compose([v2.ColorJitter(c.pair_jitter, c.pair_jitter, c.pair_jitter, min(c.pair_jitter, .5) / 2),
-                                 v2.RandomGrayscale(c.pair_gray)])
-        self.l_jit = v2.ColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
+        self.g_jit = BatchColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
+        self.p_jit = BatchColorJitter(c.pair_jitter, c.pair_jitter, c.pair_jitter, min(c.pair_jitter, .5) / 2, gray=c.pair_gray)
+        self.l_jit = BatchColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
 
     def __call__(self, img: torch.Tensor) -> dict:
         c = self.cfg
         G = c.global_size
         i, j, h, w = v2.RandomResizedCrop.get_params(img, scale=list(c.global_scale), ratio=list(c.ratio))
         g = TF.resized_crop(img, i, j, h, w, [G, G], antialias=True)
-        out = {'global': normalize(self.g_jit(g))}
+        out = {'global': g}
         if c.n_local:
             locs = []
             for _ in range(c.n_local):
                 i2, j2, h2, w2 = v2.RandomResizedCrop.get_params(img, scale=list(c.local_scale), ratio=list(c.ratio))
-                locs.append(normalize(self.l_jit(TF.resized_crop(img, i2, j2, h2, w2, [c.local_size] * 2, antialias=True))))
+                locs.append(TF.resized_crop(img, i2, j2, h2, w2, [c.local_size] * 2, antialias=True))
             out['local'] = torch.stack(locs)
         if c.pair:
             pi, pj, ph, pw = v2.RandomResizedCrop.get_params(g, scale=list(c.pair_scale), ratio=list(c.ratio))
             p = TF.resized_crop(g, pi, pj, ph, pw, [G, G], antialias=True)
             flip = bool(torch.rand(()) < c.pair_flip)
             if flip: p = TF.horizontal_flip(p)
-            out['pair'] = normalize(self.p_jit(p))
+            out['pair'] = p
             out['pair_box'] = torch.tensor([pj / G, pi / G, (pj + pw) / G, (pi + ph) / G])  # x0, y0, x1, y1 in [0,1] of the global view
             out['pair_flip'] = torch.tensor(flip)
+        if not c.batch_color:                                  # finish this image's views here, as a batch of one
+            one = self.finish({k: out[k][None] for k in ('global', 'local', 'pair') if k in out})
+            out.update({k: v[0] for k, v in one.items()})
         return out
 
-def eval_transform(img: torch.Tensor) -> torch.Tensor:
-    "uint8 3xHxW -> normalised float, no resizing (protocols resize and slide)."
-    return normalize(img)
+    def finish(self, views: dict, generator: torch.Generator | None = None) -> dict:
+        """Colour jitter + normalisation of a batch's uint8 views, in place: `global`, `pair` (Bx3xHxW), `local`
+        (Bxmx3xhxw). Views that are float already are left as they are, so finishing twice changes nothing."""
+        for k, jit in (('global', self.g_jit), ('pair', self.p_jit), ('local', self.l_jit)):
+            x = views.get(k)
+            if x is None or x.dtype != torch.uint8: continue
+            views[k] = normalize(jit(x.reshape(-1, *x.shape[-3:]), generator)).view(x.shape)
+        return views
 
 # %% ../nbs/04_views.ipynb #c008
 from torchvision.ops import roi_align

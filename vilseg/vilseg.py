@@ -145,6 +145,7 @@ def forward(self, batch: dict, step: int | None = None) -> dict:
     cfg, clip = self.cfg, self.clip
     self._text_cache.clear(); self.ident = None          # the weights are about to change: no disk cache for them
     g = batch['global']
+    if g.dtype == torch.uint8: raise ValueError("batch['global'] is uint8: finish the views first (`MultiView.finish`)")
     patches_needed = cfg.lambda_cluster > 0 or cfg.cross_pool == 'attn' or (cfg.lambda_nouns > 0 and cfg.noun_pool == 'patches')
     fg = image_features(clip, g, dense=cfg.dense_features if patches_needed else 'none')
     img = F.normalize(fg['global'], dim=-1)

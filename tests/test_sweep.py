@@ -52,6 +52,13 @@ seeds: [0, 1, 2]
     assert runs[-1].name == 'other-x=2-sleep=0.5-s2' and runs[-1].params == {'y': 'c', 'x': 2, 'sleep': 0.5, 'seed': 2}
     assert runs[0].params == {'y': 'b', 'x': 1, 'sleep': 0, 'seed': 0}
     assert len({r.name for r in runs}) == len(runs)
+    # order: seeds -- the same runs, seed by seed (a sweep cut short has every setting)
+    by_seed = expand(load_spec(write_spec(tmp_path, f"notebook: {nb}\nfixed: {{y: b}}\ngrid: {{x: [1, 2], sleep: [0, 0.5]}}\n"
+                                                      f"settings: {{plain: {{}}, other: {{y: c}}}}\nseeds: [0, 1, 2]\norder: seeds\n")))
+    assert sorted(r.name for r in by_seed) == sorted(r.name for r in runs)
+    assert [r.seed for r in by_seed] == [0] * 8 + [1] * 8 + [2] * 8
+    assert [r.name for r in by_seed[:3]] == ['plain-x=1-sleep=0-s0', 'plain-x=1-sleep=0.5-s0', 'plain-x=2-sleep=0-s0']
+    assert {r.name: r.params for r in by_seed} == {r.name: r.params for r in runs}
     # no settings, no seeds: the grid alone; nothing at all: one run
     assert [r.name for r in expand(load_spec(write_spec(tmp_path, f'notebook: {nb}\ngrid: {{x: [3, 4]}}\n')))] == ['x=3', 'x=4']
     assert [(r.name, r.params) for r in expand(load_spec(write_spec(tmp_path, f'notebook: {nb}\nfixed: {{x: 5}}\n')))] == [('run', {'x': 5})]
@@ -77,6 +84,7 @@ seeds: [0, 1, 2]
     ('notebook: {nb}\nfixed: {{out_dir: elsewhere}}\n', 'fixed.out_dir', 'output folder'),
     ('notebook: {nb}\nresume_param: restart\n', 'resume_param', "declares no parameter 'restart'"),
     ('notebook: {nb}\ngrid: {{y: [a b, a_b]}}\n', 'grid', 'same folder name'),
+    ('notebook: {nb}\norder: random\n', 'order', "'settings' or 'seeds'"),
     ('notebook: [unclosed\n', 'yaml', ''),
 ])
 def test_spec_validation_errors(tmp_path, nb, body, key, words):

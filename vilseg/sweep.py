@@ -33,7 +33,9 @@ SPEC_KEYS = {'name': 'the sweep folder under --out (default: the spec file name)
              'metrics': "the file a finished run leaves in its folder (default: metrics.json)",
              'resume_param': "a parameter that makes the notebook continue an unfinished run in place (e.g. resume)",
              'collect': 'metrics gathered into the table (dotted keys reach into nested dicts; default: every top-level number)',
-             'timeout': 'seconds one cell may run (default: none)'}
+             'timeout': 'seconds one cell may run (default: none)',
+             'order': "'settings' (default: each setting with all its seeds, then the next) or 'seeds' (every setting once per "
+                      "seed, seed by seed: a sweep cut short has every setting)"}
 
 class SpecError(ValueError):
     "A sweep spec that cannot run; the message is one line naming the spec file and the key."
@@ -57,6 +59,7 @@ class Sweep:
     collect: list | None = None
     timeout: float | None = None
     description: str = ''
+    order: str = 'settings'
 
 @dataclass
 class Run:
@@ -145,6 +148,9 @@ def load_spec(path) -> Sweep:
     if collect is not None:
         if not isinstance(collect, list) or not all(isinstance(c, str) for c in collect): raise SpecError(path, 'collect', 'must be a list of metric names')
         sw.collect = collect
+    if spec.get('order') is not None:
+        if spec['order'] not in ('settings', 'seeds'): raise SpecError(path, 'order', f"{spec['order']!r}: 'settings' or 'seeds'")
+        sw.order = spec['order']
     if spec.get('timeout') is not None:
         if not isinstance(spec['timeout'], (int, float)) or spec['timeout'] <= 0: raise SpecError(path, 'timeout', 'must be a positive number of seconds')
         sw.timeout = float(spec['timeout'])
@@ -155,15 +161,16 @@ def load_spec(path) -> Sweep:
 
 # %% ../nbs/18_sweep.ipynb #c010
 def expand(sw: Sweep) -> list[Run]:
-    "Every run of a sweep: settings x grid points x seeds, in the spec's order."
+    "Every run of a sweep: settings x grid points x seeds, in the spec's order (`order: seeds`: seed by seed)."
     points = [dict(zip(sw.grid, vals)) for vals in itertools.product(*sw.grid.values())] if sw.grid else [{}]
+    combos = [(s, pt) for s in (list(sw.settings) or [None]) for pt in points]
+    seeds = sw.seeds or [None]
+    order = [(c, seed) for seed in seeds for c in combos] if sw.order == 'seeds' else [(c, seed) for c in combos for seed in seeds]
     runs = []
-    for s in (list(sw.settings) or [None]):
-        for pt in points:
-            for seed in (sw.seeds or [None]):
-                params = {**sw.fixed, **(sw.settings[s] if s else {}), **pt}
-                if seed is not None: params[sw.seed_param] = seed
-                runs.append(Run(run_name(s, pt, seed), s, pt, seed, params))
+    for (s, pt), seed in order:
+        params = {**sw.fixed, **(sw.settings[s] if s else {}), **pt}
+        if seed is not None: params[sw.seed_param] = seed
+        runs.append(Run(run_name(s, pt, seed), s, pt, seed, params))
     return runs
 
 # %% ../nbs/18_sweep.ipynb #c015

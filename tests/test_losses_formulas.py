@@ -135,3 +135,102 @@ def test_caption_parsing():
     ne = NounExtractor(['star', 'ring', 'box'])
     assert ne('two rings, a star and another star') == ['ring', 'star'] and ne('boxes') == ['box'] and ne('a tree') == []
     with pytest.raises(ValueError, match='parse'): NounExtractor(['star'], parse='all')
+
+
+# ------------------------------------------------------------------------------------------------ two ranks, simulated
+class TwoRanks:
+    """A 2-rank world simulated in this process, so the losses' gather paths run where a mutation tool's forked runner
+    sees them (the real 2-process checks are `test_ddp_exact.py`). This process is `rank`; each collective puts this
+    rank's value at its place and the peer's next queued value (what the other rank would send) at the other.
+    Replaced: `vilseg.losses._world`, `dist.all_gather_object`, `dist.all_gather`, `dist.all_reduce` and
+    `torch.distributed.nn(.functional).all_gather` / `all_reduce` (with gradient to this rank's value)."""
+    def __init__(self, monkeypatch, rank, peer):
+        import torch.distributed as dist, torch.distributed.nn.functional as dnn
+        import vilseg.losses as L
+        self.rank, self.peer = rank, list(peer)
+        monkeypatch.setattr(L, '_world', lambda: (rank, 2))
+        monkeypatch.setattr(dist, 'all_gather_object', lambda out, obj: out.__setitem__(slice(None), self._place(obj)))
+        monkeypatch.setattr(dist, 'all_gather', lambda xs, x: [o.copy_(v) for o, v in zip(xs, self._place(x))])
+        monkeypatch.setattr(dist, 'all_reduce', lambda x, op=None: x.add_(self.peer.pop(0)))
+        monkeypatch.setattr(dnn, 'all_gather', lambda x: tuple(self._place(x)))
+        monkeypatch.setattr(torch.distributed.nn, 'all_gather', dnn.all_gather)     # open_clip's ClipLoss calls it here
+        monkeypatch.setattr(dnn, 'all_reduce', lambda x: x + self.peer.pop(0))
+
+    def _place(self, mine):
+        other = self.peer.pop(0)
+        return [mine, other] if self.rank == 0 else [other, mine]
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_gather_prompts_two_ranks_first_occurrence_padding_cut_and_gradient(monkeypatch, rank):
+    w0, e0 = ['star', 'ring', 'tree'], unit(3, 8)
+    w1, e1 = ['ring', 'moon'], unit(2, 8)
+    mine_w, mine_e = (w0, e0) if rank == 0 else (w1, e1)
+    peer_w, peer_e = (w1, e1) if rank == 0 else (w0, e0)
+    pad = torch.full((3 - len(peer_e), 8), float('nan'))        # the peer pads to the longest rank; the rows must be cut off
+    TwoRanks(monkeypatch, rank, [peer_w, torch.cat([peer_e, pad])])
+    mine_e = mine_e.clone().requires_grad_()
+    words, emb = gather_prompts(mine_w, mine_e)
+    assert words == ['star', 'ring', 'tree', 'moon']             # rank order, each word at its first occurrence
+    assert torch.equal(emb.detach(), torch.stack([e0[0], e0[1], e0[2], e1[1]]))
+    emb.sum().backward()
+    expect = torch.ones(3, 1) if rank == 0 else torch.tensor([[0.], [1.]])   # rank 1's 'ring' is a dropped copy
+    assert torch.equal(mine_e.grad, expect.expand(-1, 8))
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_vision_contrast_two_ranks_labels_point_at_this_ranks_globals(monkeypatch, rank):
+    loc, tgt, peer, tau = unit(3, 2, 8), unit(3, 8), unit(3, 8), 0.2
+    TwoRanks(monkeypatch, rank, [peer])
+    allt = torch.cat([tgt, peer]) if rank == 0 else torch.cat([peer, tgt])
+    ref = F.cross_entropy(loc.reshape(6, 8) @ allt.T / tau, (torch.arange(3) + 3 * rank).repeat_interleave(2))
+    assert torch.allclose(vision_contrast_loss(loc, tgt, tau), ref, atol=1e-6)
+
+
+def test_iic_two_ranks_is_the_loss_of_the_joint_batch(monkeypatch):
+    q = [torch.randn(n, 5, generator=G).mul(2).softmax(-1) for n in (9, 9, 14, 14)]     # rank 0's q1, q2; the peer's q1, q2
+    TwoRanks(monkeypatch, 0, [q[2].T @ q[3], torch.tensor(14.)])
+    ref = iic_loss(torch.cat([q[0], q[2]]), torch.cat([q[1], q[3]]), gather=False)
+    assert torch.allclose(iic_loss(q[0], q[1]), ref, atol=1e-6)
+    assert not torch.allclose(iic_loss(q[0], q[1], gather=False), ref, atol=1e-3)       # gather=False: this rank alone
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_cross_modal_losses_two_ranks_use_the_global_batch(monkeypatch, rank):
+    img, txt, pimg, ptxt, s = unit(3, 8), unit(3, 8), unit(3, 8), unit(3, 8), torch.tensor(4.2)
+    cat = (lambda a, b: torch.cat([a, b])) if rank == 0 else (lambda a, b: torch.cat([b, a]))
+    TwoRanks(monkeypatch, rank, [pimg, ptxt])
+    assert torch.allclose(cross_modal_loss(img, txt, s), infonce(s * cat(img, pimg) @ cat(txt, ptxt).T), atol=1e-6)
+    z, pz = unit(3, 5, 8), unit(3, 5, 8)
+    TwoRanks(monkeypatch, rank, [pz, ptxt])
+    Z, T = cat(z, pz), cat(txt, ptxt)
+    a = torch.einsum('ind,jd->ijn', Z, T).div(0.1).softmax(-1)
+    ref = infonce(s * torch.einsum('ijd,jd->ij', F.normalize(torch.einsum('ijn,ind->ijd', a, Z), dim=-1), T))
+    assert torch.allclose(attentive_cross_modal_loss(z, txt, s), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['soft', 'any'])
+def test_multi_label_contrast_two_ranks_is_the_loss_of_the_joint_batch(monkeypatch, mode):
+    s = torch.tensor(5.5)
+    n0, w0 = [['star', 'red'], ['ring']], ['star', 'red', 'ring']
+    n1, w1 = [['ring', 'box'], [], ['star']], ['ring', 'box', 'star']
+    emb = {w: unit(8) for w in ('star', 'red', 'ring', 'box')}            # one embedding per word, as on every rank
+    img0, img1 = unit(2, 8), unit(3, 8)
+    p1 = torch.stack([emb[w] for w in w1])
+    TwoRanks(monkeypatch, 0, [w1, p1, img1, [list(n) for n in n1]])
+    got = multi_label_contrast_loss(img0, n0, torch.stack([emb[w] for w in w0]), w0, s, mode=mode)
+    words = ['star', 'red', 'ring', 'box']
+    pos = torch.tensor([[w in n for w in words] for n in n0 + n1])
+    ref = multilabel_reference(s * torch.cat([img0, img1]) @ torch.stack([emb[w] for w in words]).T, pos, mode)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_bank_distill_two_ranks_over_the_distinct_nouns(monkeypatch):
+    s = torch.tensor(8.0)
+    p = {w: unit(8) for w in 'abcd'}; b = {w: unit(8) for w in 'abcd'}
+    mine, peer = ['a', 'b'], ['b', 'c', 'd']
+    st = lambda d, ws: torch.stack([d[w] for w in ws])
+    pad = lambda x: torch.cat([x, torch.zeros(3 - len(x), 8)])
+    TwoRanks(monkeypatch, 1, [mine, pad(st(p, mine)), mine, pad(st(b, mine))])   # this process is rank 1, holding `peer`
+    got = bank_distill_loss(st(p, peer), st(b, peer), s, prompts=peer)
+    assert torch.allclose(got, infonce(s * st(p, 'abcd') @ st(b, 'abcd').T), atol=1e-5)

@@ -145,6 +145,24 @@ def test_confusion_all_reduce_with_the_test_process_as_rank_0(tmp_path):
     assert inv.sum() == 2 and mat.sum() == 6
 
 
+def test_metrics_all_reduce_in_a_one_process_gloo_group(tmp_path):
+    """`all_reduce()` through its process-group branch in this very process (a gloo group of one rank, so a mutation
+    tool's forked runner sees it): the sum over one rank leaves the exact counts, matrix and invalid counts apart."""
+    import datetime
+    import torch.distributed as dist
+    p, l = torch.tensor([0, 1, 5, 2, 2, -1, 1]), torch.tensor([0, 1, 1, 2, 255, 2, 0])
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "init1"}', rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        cm = ConfusionMatrix(3).update(p, l)
+        mat, inv = cm.mat.clone(), cm.invalid.clone()
+        assert cm.all_reduce() is cm
+    finally:
+        dist.destroy_process_group()
+    np.testing.assert_array_equal(cm.mat.numpy(), [[1, 1, 0], [0, 1, 0], [0, 0, 1]])   # rows: ground truth
+    np.testing.assert_array_equal(cm.invalid.numpy(), [0, 1, 1])
+    assert torch.equal(cm.mat, mat) and torch.equal(cm.invalid, inv) and cm.mat.shape == (3, 3)
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 def hand_bilinear(a: np.ndarray, H: int, W: int) -> np.ndarray:
     "`C x h x w` -> `C x H x W`, bilinear with align_corners=False (source index (i + 0.5) h / H - 0.5, clamped at 0)."

@@ -333,6 +333,89 @@ def test_evaluate_result_fields_sizes_and_errors():
     assert sweep[best] == max(sweep.values())
 
 
+def test_evaluate_slide_scores_edges_stride_one_and_passthrough():
+    """`slide_scores` at its edges, against hand-placed windows: stride 1 with an image shorter than the window in one
+    side and exactly the window in the other (one window), stride == window, three classes, the keyword arguments
+    handed to the model, -inf scores replaced by -1e4 before averaging, and the error for a bad stride."""
+    from vilseg.evaluate import slide_scores
+    from test_wiring import CoordOracle, coord_image, hand_slide
+    for H, W in ((9, 12), (12, 9)):
+        m = CoordOracle(H, W)
+        S = slide_scores(m, coord_image(H, W)[None], [['a'], ['b']], window=12, stride=1)
+        assert m.calls == [(0, 0, H, W)]
+        np.testing.assert_allclose(S[0].numpy(), hand_slide(H, W, [(0, 0)], H, W), atol=1e-5)
+    m = CoordOracle(12, 30)
+    S = slide_scores(m, coord_image(12, 30)[None], [['a'], ['b']], window=12, stride=12)     # origins 0, 12, then 18 flush
+    assert m.calls == [(0, 0, 12, 12), (0, 12, 12, 12), (0, 18, 12, 12)]
+    np.testing.assert_allclose(S[0].numpy(), hand_slide(12, 30, [(0, 0), (0, 12), (0, 18)], 12, 12), atol=1e-5)
+    img = torch.randint(0, 100, (2, 3, 10, 14), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    m3 = ChannelOracle(['a', 'b', 'c'])
+    S = slide_scores(m3, img, ['a', 'b', 'c'], window=8, stride=3, method='dense', templates=['a {}.'])
+    assert S.shape == (2, 3, 10, 14) and torch.allclose(S, img.float() / 100)        # position-free scores: the mean is the score
+    assert all(kw == {'method': 'dense', 'templates': ['a {}.']} for _, _, kw in m3.calls) and len(m3.calls) == 2 * 3   # y 0, 2; x 0, 3, 6
+
+    class NegInf(ChannelOracle):
+        def scores(self, images, class_names, **kw):
+            s = super().scores(images, class_names, **kw); s[:, 1] = float('-inf'); return s
+    S = slide_scores(NegInf(['a', 'b']), img, ['a', 'b'], window=8, stride=3)
+    assert torch.equal(S[:, 1], torch.full((2, 10, 14), -1e4))
+    with pytest.raises(ValueError, match=r'^sliding window needs 0 < stride <= window, got stride=13, window=12$'):
+        slide_scores(m, coord_image(12, 30)[None], [['a'], ['b']], window=12, stride=13)
+    with pytest.raises(ValueError, match='got stride=-1'): slide_scores(m, coord_image(12, 30)[None], [['a'], ['b']], window=12, stride=-1)
+
+
+def test_evaluate_passes_arguments_resizes_back_and_times():
+    """`evaluate` hands `templates`, `method` and `dense` to the model (also through the sliding window), brings the
+    scores back to the label's size by bilinear interpolation with align_corners=False (the hand bilinear above),
+    defaults to threshold 0, and reports no more seconds than the call took; `calibrate_threshold` with one threshold."""
+    import time
+    from torchvision.transforms.v2 import functional as TF
+    from vilseg.evaluate import evaluate, calibrate_threshold, _resize_short
+    g = torch.Generator().manual_seed(3)
+    img = torch.randint(0, 100, (3, 8, 6), generator=g, dtype=torch.uint8)
+    lab = torch.randint(0, 3, (8, 6), generator=g)
+    ds = Items([img], [lab], ['bg', 'cat', 'dog'])
+    m = ChannelOracle(['cat', 'dog'])
+    t = time.perf_counter(); r = evaluate(m, ds, templates=['a {}.'], method='dense', dense='value', short_side=3, progress=False)
+    wall = time.perf_counter() - t
+    assert m.calls[0][0] == (1, 3, 4, 3) and m.calls[0][2] == dict(method='dense', bg_index=None, templates=['a {}.'], dense='value')
+    assert r['bg_threshold'] == 0.0 and 0 <= r['seconds'] <= wall
+    small = TF.resize(img[None], 3, antialias=True)[0, :2].float().numpy() / 100                 # what the model scored
+    up = hand_bilinear(small, 8, 6)
+    pred = np.where(up.max(0) < 0.0, 0, up.argmax(0) + 1)
+    l = lab.numpy()
+    np.testing.assert_allclose(r['iou'], [np.sum((pred == c) & (l == c)) / np.sum((pred == c) | (l == c)) for c in range(3)])
+    m = ChannelOracle(['cat', 'dog'])
+    evaluate(m, ds, window=4, stride=2, method='dense', templates=['x {}'], progress=False)
+    assert m.calls and all(kw == dict(method='dense', bg_index=None, templates=['x {}'], dense=None) for _, _, kw in m.calls)
+    best, sweep = calibrate_threshold(ChannelOracle(['cat', 'dog']), ds, thresholds=[0.3], progress=False)
+    assert best == 0.3 and list(sweep) == [0.3]
+    with pytest.raises(ValueError, match=r'^calibrate_threshold needs a background class \(bg_index is None\)$'):
+        calibrate_threshold(m, ds, bg_index=None)
+    with pytest.raises(ValueError, match=r'^calibrate_threshold needs at least one threshold$'): calibrate_threshold(m, ds, thresholds=[])
+    # the resize to the short side is antialiased: a noise image shrunk 8x keeps little of its spread
+    noise = torch.randint(0, 256, (1, 3, 64, 96), generator=g, dtype=torch.uint8)
+    small = _resize_short(noise, 8)
+    assert small.shape == (1, 3, 8, 12) and small.float().std() < 20 < noise.float().std()
+
+
+def test_evaluate_localization_auc_subsample_is_seeded():
+    """The pixel subsample of `localization_auc` comes from its own generator (`seed`): the global RNG does not move it,
+    another seed does; the documented defaults (200 000 pixels, seed 0)."""
+    import inspect
+    from vilseg.evaluate import localization_auc
+    g = torch.Generator().manual_seed(5)
+    imgs = [torch.randint(0, 100, (3, 12, 12), generator=g, dtype=torch.uint8) for _ in range(2)]
+    labs = [torch.randint(0, 3, (12, 12), generator=g) for _ in range(2)]
+    ds = Items(imgs, labs, ['bg', 'cat', 'dog'])
+    def auc(**kw): return localization_auc(ChannelOracle(['cat', 'dog']), ds, max_pixels=40, progress=False, **kw)['auc']
+    torch.manual_seed(0); a = auc()
+    torch.manual_seed(1); b = auc()
+    assert a == b and auc(seed=0) == a and any(auc(seed=s) != a for s in (1, 2, 3))
+    p = inspect.signature(localization_auc).parameters
+    assert p['max_pixels'].default == 200_000 and p['seed'].default == 0
+
+
 # ------------------------------------------------------------------------------------------------ the model's read-out
 def _micro(**kw):
     from vilseg.vilseg import ViLSeg, ViLSegConfig

@@ -103,7 +103,7 @@ def evaluate(model, dataset, class_names=None, method: str = 'cluster', bg_index
     key = float(bg_threshold) if bg_index is not None and decide is None else None
     res = cms[key].compute(); res['bg_threshold'] = key; res['n_images'] = n; res['method'] = method
     res['seconds'] = dt; res['images_per_second'] = n / max(dt, 1e-9)
-    if bg_index is not None and len(ths) > 1:
+    if bg_index is not None and decide is None and thresholds:             # a sweep was asked for (one threshold too)
         res['sweep'] = {t: float(cms[t].compute()['miou']) for t in ths}
     return res
 

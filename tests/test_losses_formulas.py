@@ -137,6 +137,41 @@ def test_caption_parsing():
     with pytest.raises(ValueError, match='parse'): NounExtractor(['star'], parse='all')
 
 
+def test_caption_parsing_edges_and_vocabulary_defaults():
+    "Hyphenated heads give their last part (dropped when it is a stopword), one- and two-letter words, plural folding by 'es'."
+    assert caption_words('a red ice-cream', 'heads') == ['cream']
+    assert caption_words('a pick-up', 'heads') == []                       # 'up' is a stopword
+    assert caption_words('letter b', 'heads') == [] and caption_words('an ox', 'heads') == ['ox']
+    assert build_noun_vocab(['a box', 'two boxes'], min_count=1) == ['box']
+    assert build_noun_vocab(['bo box'] * 3, min_count=1) == ['bo', 'box']   # no suffix: nothing to fold
+    assert build_noun_vocab(['star'] * 20 + ['ring'] * 19) == ['star']       # min_count defaults to 20
+    letters = 'abcdefghijklmnopqrtuvwxyz'                                    # no 's': no plural folding
+    words = [f'q{letters[i // 25 % 25]}{letters[i % 25]}{letters[i // 625]}' for i in range(2001)]
+    assert len(set(words)) == 2001
+    assert len(build_noun_vocab([' '.join(words)] * 20)) == 2000             # max_size defaults to 2000
+    assert NounExtractor(['red', 'star'], parse='heads')('a red star') == ['star']
+    assert NounExtractor(['red', 'star'])('a red star') == ['red', 'star']
+
+
+def test_loss_defaults_and_small_cases():
+    "The documented defaults (temperatures 0.1, GroupViT's soft form, IIC with lamb 1 and gather on), two-noun banks, messages."
+    z, t, s = unit(4, 7, 16), unit(4, 16), torch.tensor(6.0)
+    assert torch.allclose(attentive_cross_modal_loss(z, t, s), attentive_cross_modal_loss(z, t, s, 0.1))
+    assert not torch.allclose(attentive_cross_modal_loss(z, t, s), attentive_cross_modal_loss(z, t, s, 1.1))
+    loc, tgt = unit(4, 2, 16), unit(4, 16)
+    assert torch.allclose(vision_contrast_loss(loc, tgt), F.cross_entropy(loc.reshape(8, 16) @ tgt.T / 0.1, torch.arange(4).repeat_interleave(2)))
+    img, emb = unit(4, 6, 16), unit(5, 16)
+    words = WORDS + ['moon']                                                 # a prompt no caption names
+    pos = torch.tensor([[w in n for w in words] for n in NOUNS])
+    ref = multilabel_reference(s * (0.1 * (torch.logsumexp(img @ emb.T / 0.1, 1) - math.log(6))), pos, 'soft')
+    assert torch.allclose(multi_label_contrast_loss(img, NOUNS, emb, words, s), ref, atol=1e-5)
+    q1, q2 = torch.randn(30, 4, generator=G).softmax(-1), torch.randn(30, 4, generator=G).softmax(-1)
+    assert torch.allclose(iic_loss(q1, q2), iic_loss(q1, q2, 1.0, 1e-8, True))
+    p, b = unit(2, 12).requires_grad_(), unit(2, 12)
+    assert torch.allclose(bank_distill_loss(p, b, s), infonce(s * p @ b.T), atol=1e-6) and float(bank_distill_loss(p, b, s)) > 0
+    with pytest.raises(ValueError, match=r'^1 prompts for 2 embeddings$'): bank_distill_loss(p, b, s, prompts=['a'])
+
+
 # ------------------------------------------------------------------------------------------------ two ranks, simulated
 class TwoRanks:
     """A 2-rank world simulated in this process, so the losses' gather paths run where a mutation tool's forked runner

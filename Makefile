@@ -13,7 +13,7 @@ export MPLBACKEND := Agg
 help:
 	@echo "make demo    set up .venv, generate the embedded world, train + evaluate ViL-Seg -> $(DEMO_DIR)/"
 	@echo "make zeroshot  the zero-shot variants on the embedded world over the demo's backbone -> $(ZS_DIR)/table.md"
-	@echo "make ablations  every sweep of nbs/experiments/sweeps/ (resumable; about 27 h on 2 cores) -> runs/<sweep>/table.md"
+	@echo "make ablations  every sweep of nbs/experiments/sweeps/ (resumable; about 27 h on 2 cores; SWEEPS=\"readouts_quick losses_short\": 1.6 h) -> runs/<sweep>/table.md"
 	@echo "make figures  figures and the results chapter from the sweeps (trains nothing) -> docs/figures/, docs/results.md"
 	@echo "make test    set up .venv if needed, run the whole pytest suite (notebooks + unit tests)"
 	@echo "make lab     JupyterLab on the project kernel"
@@ -65,6 +65,7 @@ zeroshot: $(STAMP) $(DEMO_DIR)/metrics.json
 # continues where it stopped; a failed run is recorded (its error.txt) and the other runs and sweeps go on.
 # Budget on 2 cores, one run at a time (each spec states its own): readouts 10 min, zeroshot 2 h, losses 15 h,
 # clusters 7 h, local_crops 3 h: about 27 h. SWEEPS=readouts runs one; SWEEP_JOBS=2 runs two at once, one thread each.
+# The short reading, about 1.6 h: make ablations SWEEPS="readouts_quick losses_short" (make figures reads them when the full ones have not run).
 SWEEPS ?= readouts zeroshot losses clusters local_crops
 SWEEP_JOBS ?= 1
 SWEEP_DIR ?= runs

@@ -416,6 +416,54 @@ def test_evaluate_localization_auc_subsample_is_seeded():
     assert p['max_pixels'].default == 200_000 and p['seed'].default == 0
 
 
+def hand_mmseg_resize(img: np.ndarray, short: int, long_max: int = 2048) -> np.ndarray:
+    "mmcv's keep-ratio rescale (factor min(long_max / long, short / short side), sides rounded), plain bilinear, rounded."
+    h, w = img.shape[-2:]
+    f = min(long_max / max(h, w), short / min(h, w))
+    H, W = int(h * f + 0.5), int(w * f + 0.5)
+    return np.clip(np.round(hand_bilinear(img.astype(np.float64), H, W)), 0, 255)          # halves to even, as torch.round
+
+
+def test_evaluate_reference_paths_mmseg_resize_pixel_norm_and_decide():
+    """The paths the reference protocols use (`12_protocols`): mmseg's resize, the pixel normalisation by given mean/std
+    after it, and a decision rule that receives the scores at the label's size (bilinear, align_corners=False): each
+    checked against a hand computation of what the model must receive and what the rule must be given."""
+    from vilseg.evaluate import evaluate, _resize_short
+    g = torch.Generator().manual_seed(7)
+    img = torch.randint(0, 256, (3, 6, 8), generator=g, dtype=torch.uint8)
+    lab = torch.randint(0, 3, (6, 8), generator=g)
+    ds = Items([img], [lab], ['a', 'b', 'c'])
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    class Recorder(ChannelOracle):
+        def scores(self, images, class_names, **kw):
+            self.seen = images.clone(); return images[:, :len(class_names)].float()
+    seen = []
+    def decide(s): seen.append(s.clone()); return s.argmax(0)
+    m = Recorder(['a', 'b', 'c'])
+    r = evaluate(m, ds, bg_index=None, short_side=4, resize='mmseg', pixel_mean=mean, pixel_std=std, decide=decide,
+                 queries=['qa', 'qb', 'qc'], progress=False)
+    small = hand_mmseg_resize(img.numpy(), 4)                                   # 3 x 4 x 5
+    want_in = (small / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    assert m.seen.shape == (1, 3, 4, 5)
+    np.testing.assert_allclose(m.seen[0].numpy(), want_in, atol=1e-5)
+    np.testing.assert_allclose(seen[0].numpy(), hand_bilinear(want_in, 6, 8), atol=1e-5)
+    pred, l = hand_bilinear(want_in, 6, 8).argmax(0), lab.numpy()
+    np.testing.assert_allclose(r['iou'], [np.sum((pred == c) & (l == c)) / np.sum((pred == c) | (l == c)) for c in range(3)])
+    assert r['bg_threshold'] is None
+    # mmseg's resize on its own: exact up to the rounding of ties, and no-op at the target size
+    x = torch.randint(0, 256, (1, 3, 9, 13), generator=g, dtype=torch.uint8)
+    out = _resize_short(x, 6, 'mmseg')
+    assert out.dtype == torch.uint8 and out.shape == (1, 3, 6, 9)
+    assert np.abs(out[0].numpy().astype(float) - hand_mmseg_resize(x[0].numpy(), 6)).max() <= 1
+    out = _resize_short(x, 6, 'mmseg', long_max=8)                               # the long side bounds the factor: 8/13 < 6/9
+    assert out.shape == (1, 3, 6, 8)
+    assert _resize_short(x, 9, 'mmseg') is x
+    with pytest.raises(ValueError, match=r"^resize mode must be 'antialias' or 'mmseg', got 'cv2'$"): _resize_short(x, 6, 'cv2')
+    with pytest.raises(ValueError, match=r'^a decision rule \(decide\) has no background-threshold sweep$'):
+        evaluate(m, ds, decide=decide, thresholds=[0.1], progress=False)
+
+
 # ------------------------------------------------------------------------------------------------ the model's read-out
 def _micro(**kw):
     from vilseg.vilseg import ViLSeg, ViLSegConfig

@@ -414,6 +414,12 @@ def test_evaluate_localization_auc_subsample_is_seeded():
     assert a == b and auc(seed=0) == a and any(auc(seed=s) != a for s in (1, 2, 3))
     p = inspect.signature(localization_auc).parameters
     assert p['max_pixels'].default == 200_000 and p['seed'].default == 0
+    # the defaults at work: 208 000 labelled pixels, so the default subsample (200 000 pixels, seed 0) is active
+    big = Items([torch.randint(0, 100, (3, 400, 520), generator=g, dtype=torch.uint8)], [torch.randint(0, 3, (400, 520), generator=g)],
+                ['bg', 'cat', 'dog'])
+    def big_auc(**kw): return localization_auc(ChannelOracle(['cat', 'dog']), big, progress=False, **kw)['auc']
+    d = big_auc()
+    assert d == big_auc(max_pixels=200_000, seed=0) and d != big_auc(max_pixels=200_001) and d != big_auc(seed=1)
 
 
 def hand_mmseg_resize(img: np.ndarray, short: int, long_max: int = 2048) -> np.ndarray:

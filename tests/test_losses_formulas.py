@@ -149,6 +149,8 @@ def test_caption_parsing_edges_and_vocabulary_defaults():
     words = [f'q{letters[i // 25 % 25]}{letters[i % 25]}{letters[i // 625]}' for i in range(2001)]
     assert len(set(words)) == 2001
     assert len(build_noun_vocab([' '.join(words)] * 20)) == 2000             # max_size defaults to 2000
+    assert build_noun_vocab(['a star ring', 'the ring'], min_count=1, stopwords={'star'}) == ['ring', 'the']   # its own stopwords
+    assert caption_words('x marks the spot') == ['marks', 'spot']          # one-letter words are dropped
     assert NounExtractor(['red', 'star'], parse='heads')('a red star') == ['star']
     assert NounExtractor(['red', 'star'])('a red star') == ['red', 'star']
 
@@ -193,6 +195,7 @@ class TwoRanks:
 
     def _place(self, mine):
         other = self.peer.pop(0)
+        if torch.is_tensor(mine): assert mine.shape == other.shape, f'all_gather needs one shape on every rank: {mine.shape} vs {other.shape}'
         return [mine, other] if self.rank == 0 else [other, mine]
 
 
@@ -247,10 +250,10 @@ def test_cross_modal_losses_two_ranks_use_the_global_batch(monkeypatch, rank):
 @pytest.mark.parametrize('mode', ['soft', 'any'])
 def test_multi_label_contrast_two_ranks_is_the_loss_of_the_joint_batch(monkeypatch, mode):
     s = torch.tensor(5.5)
-    n0, w0 = [['star', 'red'], ['ring']], ['star', 'red', 'ring']
+    n0, w0 = [['star', 'red'], ['ring'], []], ['star', 'red', 'ring']      # equal batches on the ranks, as training trims them
     n1, w1 = [['ring', 'box'], [], ['star']], ['ring', 'box', 'star']
     emb = {w: unit(8) for w in ('star', 'red', 'ring', 'box')}            # one embedding per word, as on every rank
-    img0, img1 = unit(2, 8), unit(3, 8)
+    img0, img1 = unit(3, 8), unit(3, 8)
     p1 = torch.stack([emb[w] for w in w1])
     TwoRanks(monkeypatch, 0, [w1, p1, img1, [list(n) for n in n1]])
     got = multi_label_contrast_loss(img0, n0, torch.stack([emb[w] for w in w0]), w0, s, mode=mode)

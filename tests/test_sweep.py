@@ -193,6 +193,16 @@ def test_cli_kill_and_relaunch_finishes_only_what_is_missing(tmp_path, nb):
     assert json.loads((root / 'x=3/metrics.json').read_text())['resumed'] == 0
 
 
+def test_a_stopping_sweep_starts_no_queued_run(tmp_path, nb):
+    "Once the sweep is stopping (SIGTERM, Ctrl-C), a run the executor had queued returns without creating anything."
+    import vilseg.sweep as S
+    sw = load_spec(write_spec(tmp_path, f'notebook: {nb}\ngrid: {{x: [1]}}\n'))
+    S._STOP.set()
+    try: st = S.run_one(sw, expand(sw)[0], tmp_path / 'runs')
+    finally: S._STOP.clear()
+    assert st == {'run': 'x=1', 'state': 'not started', 'seconds': 0.0} and not (tmp_path / 'runs').exists()
+
+
 def test_cli_errors(tmp_path, nb):
     "A bad spec: exit 2 and one line naming the file and the key, nothing run; a failed run: exit 1, named."
     bad = write_spec(tmp_path, f'notebook: {nb}\ngrid: {{nope: [1]}}\n', 'bad.yaml')

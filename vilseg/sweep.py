@@ -222,6 +222,8 @@ def run_one(sw: Sweep, run: Run, root, cwd=None) -> dict:
     """Execute one run with papermill in a child process (its own process group, one thread) into `root/run.name`.
     The executed notebook, the log and status.json land in the run's folder, error.txt too when it fails.
     An unfinished folder is continued in place when the spec names a `resume_param`, else moved aside (`.old-N`)."""
+    if _STOP.is_set():                        # the sweep is stopping: a run not started yet stays as it is (todo)
+        return {'run': run.name, 'state': 'not started', 'seconds': 0.0}
     root = Path(root); d = root / run.name; work = root / '.work'; work.mkdir(parents=True, exist_ok=True)
     params = dict(run.params, **{sw.output_param: str(d)}); note = None
     if d.exists() and any(d.iterdir()):
@@ -416,6 +418,7 @@ def run_sweep(spec, out='runs', jobs: int = 1, progress: bool = True, dry_run: b
                 (bar.write if progress else print)(msg + (f" [{st['note']}]" if st.get('note') else ''))
         except BaseException:
             _STOP.set()
+            for f in futs: f.cancel()                     # the queued runs never start
             for p in list(_CHILDREN.values()):
                 try: os.killpg(p.pid, signal.SIGTERM)
                 except (ProcessLookupError, PermissionError): pass

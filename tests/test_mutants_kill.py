@@ -554,6 +554,47 @@ def test_readout_scores_dense_cluster_background_and_sizes():
     with pytest.raises(ValueError, match=r'pamr_scale must be in \(0, 1\], got 1.5'): m.scores(x, names, pamr_iters=1, pamr_scale=1.5)
 
 
+def test_readout_value_path_model_templates_and_defaults():
+    """A model whose patch embeddings are the value path (`dense_features='value'`): its head still groups the final
+    tokens, `scores`/`clusters` use the value path unless `dense` says otherwise, `templates` reach the text side, the
+    background channel defaults to 0, and maps of a pixel at a small `pamr_scale` are kept at one pixel."""
+    from vilseg.encoders import image_features
+    from vilseg.views import normalize
+    from vilseg.clustering import pamr
+    m = _micro(dense_features='value')
+    H, W = 21, 30
+    x = torch.randint(0, 255, (2, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    names = [['star'], ['ring', 'donut'], ['box']]
+    fv = image_features(m.clip, normalize(x), dense='value')
+    ft, zt, size = _features(m, x)
+    zv = F.normalize(fv['patches'], dim=-1)
+    assert not torch.allclose(zv, zt, atol=1e-3)                              # the two embeddings differ
+    t = m.class_embeddings(names)
+    for refine in (0, 2):
+        logits = _hand_em(zv, m.head(fv['tokens']), refine, m.cfg.refine_tau)   # the head on the final tokens, refitted on the value path
+        q = logits.softmax(-1); mass = q.sum((1, 2))
+        e = _unit(torch.einsum('bhwk,bhwd->bkd', q, zv) / (mass[..., None] + 1e-6))
+        want = torch.einsum('bkhw,bkc->bchw', _up(logits.permute(0, 3, 1, 2), size, H, W).softmax(1), e @ t.T)
+        torch.testing.assert_close(m.scores(x, names, refine=refine, pamr_iters=0), want, atol=1e-5, rtol=1e-4)
+        clus = _up(logits.permute(0, 3, 1, 2), size, H, W).argmax(1)
+        assert (m.clusters(x, refine=refine) == clus).float().mean() > 0.999
+    torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=0), _up((zv @ t.T).permute(0, 3, 1, 2), size, H, W))
+    torch.testing.assert_close(m.scores(x, names, method='dense', dense='tokens', pamr_iters=0), _up((zt @ t.T).permute(0, 3, 1, 2), size, H, W))
+    t1 = m.class_embeddings(names, ['a photo of a {}.'])
+    torch.testing.assert_close(m.scores(x, names, method='dense', templates=['a photo of a {}.'], pamr_iters=0),
+                               _up((zv @ t1.T).permute(0, 3, 1, 2), size, H, W))
+    S = m.scores(x, [['background']] + names, method='dense', bg_index=0, pamr_iters=0)
+    assert (S[:, 0] == 0.0).all() and S.shape == (2, 4, H, W)
+    # a 3 x 4 image at pamr_scale 0.1: the maps at 1 x 1 pixel (not 0, not 2), PAMR there, then back to 3 x 4
+    xs = x[:1, :, :3, :4]
+    fs, zs, sz = _features(m, xs)
+    raw = _up((F.normalize(image_features(m.clip, normalize(xs), dense='value')['patches'], dim=-1) @ t.T).permute(0, 3, 1, 2),
+              (max(1, round(sz[0] * 0.1)), max(1, round(sz[1] * 0.1))), 1, 1)
+    im = F.interpolate(normalize(xs).float(), size=(1, 1), mode='bilinear', align_corners=True)
+    want = F.interpolate(pamr(im, raw, 2, m.cfg.pamr_dilations), size=(3, 4), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(m.scores(xs, names, method='dense', pamr_iters=2, pamr_scale=0.1), want)
+
+
 def test_readout_pamr_placement():
     from vilseg.clustering import pamr
     from vilseg.views import normalize

@@ -342,7 +342,7 @@ def test_evaluate_slide_scores_edges_stride_one_and_passthrough():
     for H, W in ((9, 12), (12, 9)):
         m = CoordOracle(H, W)
         S = slide_scores(m, coord_image(H, W)[None], [['a'], ['b']], window=12, stride=1)
-        assert m.calls == [(0, 0, H, W)]
+        assert m.calls == [(0, 0, H, W)] and S.shape == (1, 2, H, W)
         np.testing.assert_allclose(S[0].numpy(), hand_slide(H, W, [(0, 0)], H, W), atol=1e-5)
     m = CoordOracle(12, 30)
     S = slide_scores(m, coord_image(12, 30)[None], [['a'], ['b']], window=12, stride=12)     # origins 0, 12, then 18 flush
@@ -438,7 +438,7 @@ def test_evaluate_reference_paths_mmseg_resize_pixel_norm_and_decide():
     g = torch.Generator().manual_seed(7)
     img = torch.randint(0, 256, (3, 6, 8), generator=g, dtype=torch.uint8)
     lab = torch.randint(0, 3, (6, 8), generator=g)
-    ds = Items([img], [lab], ['a', 'b', 'c'])
+    ds = Items([img, img], [lab, lab], ['a', 'b', 'c'])                      # two images: the rule is applied to each
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
     class Recorder(ChannelOracle):
@@ -451,8 +451,8 @@ def test_evaluate_reference_paths_mmseg_resize_pixel_norm_and_decide():
                  queries=['qa', 'qb', 'qc'], progress=False)
     small = hand_mmseg_resize(img.numpy(), 4)                                   # 3 x 4 x 5
     want_in = (small / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
-    assert m.seen.shape == (1, 3, 4, 5)
-    np.testing.assert_allclose(m.seen[0].numpy(), want_in, atol=1e-5)
+    assert m.seen.shape == (2, 3, 4, 5) and len(seen) == 2 and r['gt_pixels'].sum() == 2 * 48
+    np.testing.assert_allclose(m.seen[1].numpy(), want_in, atol=1e-5)
     np.testing.assert_allclose(seen[0].numpy(), hand_bilinear(want_in, 6, 8), atol=1e-5)
     pred, l = hand_bilinear(want_in, 6, 8).argmax(0), lab.numpy()
     np.testing.assert_allclose(r['iou'], [np.sum((pred == c) & (l == c)) / np.sum((pred == c) | (l == c)) for c in range(3)])
@@ -465,6 +465,8 @@ def test_evaluate_reference_paths_mmseg_resize_pixel_norm_and_decide():
     out = _resize_short(x, 6, 'mmseg', long_max=8)                               # the long side bounds the factor: 8/13 < 6/9
     assert out.shape == (1, 3, 6, 8)
     assert _resize_short(x, 9, 'mmseg') is x
+    assert _resize_short(torch.zeros(1, 3, 9, 13, dtype=torch.uint8), 6, 'mmseg').max() == 0          # black stays black
+    assert _resize_short(torch.zeros(1, 3, 4, 40, dtype=torch.uint8), 448, 'mmseg').shape[-2:] == (205, 2048)   # long side at most 2048
     with pytest.raises(ValueError, match=r"^resize mode must be 'antialias' or 'mmseg', got 'cv2'$"): _resize_short(x, 6, 'cv2')
     with pytest.raises(ValueError, match=r'^a decision rule \(decide\) has no background-threshold sweep$'):
         evaluate(m, ds, decide=decide, thresholds=[0.1], progress=False)

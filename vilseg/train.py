@@ -86,6 +86,7 @@ class TrainConfig:
     amp: bool = True                  # bf16 autocast on CUDA; CPU runs in fp32
     # bookkeeping
     seed: int = 0
+    batch_color: bool = False         # colour jitter per batch in the training process (MultiView.finish) instead of per image in the loader
     num_workers: int = 1
     log_every: int = 10
     eval_every: int = 0               # 0: only at the end
@@ -110,7 +111,7 @@ class TrainConfig:
     def view_config(self) -> ViewConfig:
         return ViewConfig(global_size=self.image_size, n_local=self.n_local, local_size=self.local_size,
                           local_scale=tuple(self.local_scale), global_scale=tuple(self.global_scale),
-                          pair=self.lambda_cluster > 0, pair_scale=tuple(self.pair_scale), batch_color=True)
+                          pair=self.lambda_cluster > 0, pair_scale=tuple(self.pair_scale), batch_color=self.batch_color)
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, **overrides) -> 'TrainConfig':

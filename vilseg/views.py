@@ -95,36 +95,40 @@ class BatchColorJitter:
 
 # %% ../nbs/04_views.ipynb #c004
 class MultiView:
-    "uint8 image tensor 3xHxW -> dict of views (see the chapter text): normalised, or uint8 with `cfg.batch_color`."
+    "uint8 image tensor 3xHxW -> dict of views (see the chapter text): normalised, or uint8 with `cfg.batch_color` (then `finish`)."
     def __init__(self, cfg: ViewConfig | None = None):
         self.cfg = c = cfg or ViewConfig()
         self.g_jit = BatchColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
         self.p_jit = BatchColorJitter(c.pair_jitter, c.pair_jitter, c.pair_jitter, min(c.pair_jitter, .5) / 2, gray=c.pair_gray)
         self.l_jit = BatchColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
+        # per image (batch_color=False): torchvision's transforms on the uint8 views, drawn in the order of the views
+        self.tv_g = v2.ColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
+        self.tv_p = v2.Compose([v2.ColorJitter(c.pair_jitter, c.pair_jitter, c.pair_jitter, min(c.pair_jitter, .5) / 2),
+                                v2.RandomGrayscale(c.pair_gray)])
+        self.tv_l = v2.ColorJitter(brightness=c.global_jitter, contrast=c.global_jitter)
 
     def __call__(self, img: torch.Tensor) -> dict:
         c = self.cfg
         G = c.global_size
         i, j, h, w = v2.RandomResizedCrop.get_params(img, scale=list(c.global_scale), ratio=list(c.ratio))
         g = TF.resized_crop(img, i, j, h, w, [G, G], antialias=True)
-        out = {'global': g}
+        per_image = not c.batch_color
+        out = {'global': normalize(self.tv_g(g)) if per_image else g}
         if c.n_local:
             locs = []
             for _ in range(c.n_local):
                 i2, j2, h2, w2 = v2.RandomResizedCrop.get_params(img, scale=list(c.local_scale), ratio=list(c.ratio))
-                locs.append(TF.resized_crop(img, i2, j2, h2, w2, [c.local_size] * 2, antialias=True))
+                l = TF.resized_crop(img, i2, j2, h2, w2, [c.local_size] * 2, antialias=True)
+                locs.append(normalize(self.tv_l(l)) if per_image else l)
             out['local'] = torch.stack(locs)
         if c.pair:
             pi, pj, ph, pw = v2.RandomResizedCrop.get_params(g, scale=list(c.pair_scale), ratio=list(c.ratio))
             p = TF.resized_crop(g, pi, pj, ph, pw, [G, G], antialias=True)
             flip = bool(torch.rand(()) < c.pair_flip)
             if flip: p = TF.horizontal_flip(p)
-            out['pair'] = p
+            out['pair'] = normalize(self.tv_p(p)) if per_image else p
             out['pair_box'] = torch.tensor([pj / G, pi / G, (pj + pw) / G, (pi + ph) / G])  # x0, y0, x1, y1 in [0,1] of the global view
             out['pair_flip'] = torch.tensor(flip)
-        if not c.batch_color:                                  # finish this image's views here, as a batch of one
-            one = self.finish({k: out[k][None] for k in ('global', 'local', 'pair') if k in out})
-            out.update({k: v[0] for k, v in one.items()})
         return out
 
     def finish(self, views: dict, generator: torch.Generator | None = None) -> dict:

@@ -396,7 +396,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     t_start = time.time(); t_last, n_img, skipped = time.time(), 0, 0
     t_wait = t_wait_all = 0.0                              # time spent waiting for the loader (since the last log, in all)
     n_img_all = 0
-    view_maker = MultiView(cfg.view_config())              # finishes the uint8 views of each batch (colour jitter, normalise)
+    view_maker = MultiView(cfg.view_config()) if cfg.batch_color else None   # finishes the uint8 views of each batch (jitter, normalise)
     it = iter(loader)
 
     def save():
@@ -413,7 +413,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         if _trim_to_common_batch(batch, ws) < 2:                   # a batch of (almost) only bad samples: skip it
             step += 1; sched.step(); bar.update(1); continue
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        view_maker.finish(batch, torch.Generator().manual_seed(((cfg.seed * 1009 + rank) << 24) + step))   # resumable: a seed per step
+        if view_maker: view_maker.finish(batch, torch.Generator().manual_seed(((cfg.seed * 1009 + rank) << 24) + step))   # resumable: a seed per step
         with amp: o = ddp(batch, step=step)
         opt.zero_grad(set_to_none=True)
         o['loss'].backward()

@@ -4,12 +4,13 @@
 
 # %% ../nbs/07_clustering.ipynb #c002
 from __future__ import annotations
+import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ClusterHead', 'cluster_embeddings', 'refine_assignments', 'pamr_dilations', 'pamr']
+__all__ = ['PAMR_SPARSE', 'ClusterHead', 'cluster_embeddings', 'refine_assignments', 'pamr_dilations', 'pamr']
 
 # %% ../nbs/07_clustering.ipynb #c003
 class ClusterHead(nn.Module):
@@ -59,29 +60,68 @@ def pamr_dilations(dilations) -> tuple[int, ...]:
         raise ValueError(f'pamr dilations must be positive integers, got {tuple(dilations)}')
     return ds
 
-def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 10, dilations=(1, 2, 4, 8, 12, 24), tau: float = 0.1) -> torch.Tensor:
+def _shifts(x: torch.Tensor, offs, m: int):
+    "Views of `x` (`... x H x W`) moved by each offset `(dy, dx)` of `offs` (the value at `p + (dy, dx)`), replicate padding."
+    H, W = x.shape[-2:]
+    p = F.pad(x, (m, m, m, m), mode='replicate')
+    return [p[..., m + dy:m + dy + H, m + dx:m + dx + W] for dy, dx in offs]
+
+# %% ../nbs/07_clustering.ipynb #p002b
+def _pamr_affinity(x: torch.Tensor, offs, m: int, tau: float) -> torch.Tensor:
+    """The affinities `B x N x H x W` (softmax over the `N` offsets) of images `x` (`B x 3 x H x W`, float). The spread
+    is the standard deviation over the 9 values of every dilation's 3x3 window (`N + N/8` values: the centre once per
+    dilation), computed in two passes over the shifted views, so no `B x 3 x N x H x W` stack is made."""
+    D = len(offs) // 8; n = len(offs) + D
+    sh = _shifts(x, offs, m)
+    mean = (x * D + torch.stack(sh).sum(0)) / n
+    ss = (x - mean).square() * D
+    for v in sh: ss += (v - mean).square()
+    w = 1.0 / (x.shape[1] * (tau * (ss / (n - 1)).sqrt() + 1e-8))             # 1 / (3 tau sigma): the mean over channels
+    return torch.stack([-((v - x).abs() * w).sum(1) for v in sh], 1).softmax(1)
+
+def _pamr_operator(alpha: torch.Tensor, offs) -> torch.Tensor:
+    """One PAMR step as a sparse matrix (CSR, `BHW x BHW`): row `p` holds `alpha[:, j, p]` at the column of the pixel
+    `p + offs[j]` (clamped to the image: replicate padding; a clamped neighbour may appear twice, and its weights add)."""
+    B, N, H, W = alpha.shape
+    ys, xs = torch.arange(H)[:, None], torch.arange(W)[None, :]
+    cols = torch.stack([(ys + dy).clamp(0, H - 1) * W + (xs + dx).clamp(0, W - 1) for dy, dx in offs], -1)   # H W N
+    cols = (cols.reshape(1, -1) + torch.arange(B)[:, None] * (H * W)).reshape(-1).to(alpha.device)
+    rows = torch.arange(0, B * H * W * N + 1, N, device=alpha.device)
+    with warnings.catch_warnings():                                            # torch's note that sparse CSR is in beta
+        warnings.simplefilter('ignore', UserWarning)
+        return torch.sparse_csr_tensor(rows, cols, alpha.permute(0, 2, 3, 1).reshape(-1), size=(B * H * W, B * H * W),
+                                       check_invariants=False)
+
+PAMR_SPARSE = True    # on the CPU, each step as one sparse matrix product (False: the sum of shifted maps, as on other devices)
+
+def pamr(images: torch.Tensor, scores: torch.Tensor, iters: int = 10, dilations=(1, 2, 4, 8, 12, 24), tau: float = 0.1,
+         chunk: int = 1 << 20) -> torch.Tensor:
     """Pixel-adaptive refinement of `scores` (`B x C x H x W`, finite) by `images` (`B x 3 x H x W`, raw or
     normalised): `iters` steps of replacing each pixel's scores by the affinity-weighted mean of its 8 neighbours
     at each of `dilations` (replicate padding); colour differences in units of `tau` times the local spread.
-    `iters=0` returns `scores` unchanged."""
+    `iters=0` returns `scores` unchanged. Images are refined in groups of about `chunk` score values (a group's
+    working set stays in the CPU's cache); on the CPU each step is one sparse matrix product (the result is then
+    a `B x C x H x W` view of a channels-last tensor), elsewhere a sum of the shifted maps."""
     if iters < 0 or not tau > 0: raise ValueError(f'pamr needs iters >= 0 and tau > 0, got iters={iters}, tau={tau}')
     ds = pamr_dilations(dilations)
     if iters == 0: return scores
     if images.shape[0] != scores.shape[0] or images.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f'pamr: images {tuple(images.shape)} and scores {tuple(scores.shape)} differ in batch or size')
-    B, _, H, W = images.shape; m = max(ds); offs = _pamr_offsets(ds)
-    def neighbours(x):
-        p = F.pad(x, (m, m, m, m), mode='replicate')
-        return [p[..., m + dy:m + dy + H, m + dx:m + dx + W] for dy, dx in offs]
-    x = images.float()
-    nb = torch.stack(neighbours(x), 2)                                          # B 3 N H W
-    sd = torch.cat([nb, x[:, :, None].expand(-1, -1, len(ds), -1, -1)], 2).std(2, keepdim=True)   # the 3x3 windows, centres included
-    kappa = -((nb - x[:, :, None]).abs() / (tau * sd + 1e-8)).mean(1)
-    alpha = kappa.softmax(1).to(scores.dtype)                                   # B N H W, sums to 1 over N
-    alphas = alpha.unbind(1)
-    for _ in range(iters):
-        s = torch.zeros_like(scores)
-        for a, t in zip(alphas, neighbours(scores)): s.addcmul_(a[:, None], t)   # in place: no temporaries
-        scores = s
-    return scores
-
+    B, C, H, W = scores.shape; m = max(ds); offs = _pamr_offsets(ds)
+    sparse = PAMR_SPARSE and scores.device.type == 'cpu' and scores.dtype in (torch.float32, torch.float64)
+    out, per = [], max(1, chunk // (C * H * W))
+    for i in range(0, B, per):
+        S = scores[i:i + per]; b = S.shape[0]
+        alpha = _pamr_affinity(images[i:i + per].float(), offs, m, tau).to(S.dtype)
+        if sparse:
+            A, s = _pamr_operator(alpha, offs), S.permute(0, 2, 3, 1).reshape(-1, C).contiguous()   # pixels x classes
+            for _ in range(iters): s = A @ s
+            out.append(s.view(b, H, W, C).permute(0, 3, 1, 2))
+        else:
+            alphas = alpha.unbind(1)
+            for _ in range(iters):
+                s = torch.zeros_like(S)
+                for a, t in zip(alphas, _shifts(S, offs, m)): s.addcmul_(a[:, None], t)   # in place: no temporaries
+                S = s
+            out.append(S)
+    return torch.cat(out) if len(out) > 1 else out[0]

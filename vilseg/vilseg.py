@@ -291,8 +291,8 @@ def scores(self, images: torch.Tensor, class_names, method: str = 'cluster', bg_
         q = logits.softmax(-1)
         e, mass = cluster_embeddings(z, q)
         s = e @ t.T                                                           # B K C
-        qpix = up(logits.permute(0, 3, 1, 2)).softmax(1)                      # B K H W
-        S = torch.einsum('bkhw,bkc->bchw', qpix, s)
+        qpix = up(logits.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).softmax(-1)  # B H W K: the softmax over contiguous K
+        S = (qpix.flatten(1, 2) @ s).view(qpix.shape[:3] + s.shape[-1:]).permute(0, 3, 1, 2)   # B C H W, channels-last in memory
     elif method == 'dense':
         S = up((z @ t.T).permute(0, 3, 1, 2))
     else: raise ValueError(f"method must be 'cluster' or 'dense', got {method!r}")

@@ -40,8 +40,9 @@ MODULES = {
                             '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_mutants_kill.py and evaluate)']),
     'clustering': dict(path='vilseg/clustering.py',
                        tests=['tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py',
+                              'tests/test_speed_paths.py',
                               '-k', '(test_wiring.py and (cluster_loss or sliding or seen_unseen_hand)) or (test_ddp_exact.py and pamr) '
-                                    'or (test_vilseg.py and segment_odd) or (test_mutants_kill.py and clustering)']),
+                                    'or (test_vilseg.py and segment_odd) or (test_mutants_kill.py and clustering) or test_speed_paths.py']),
     # the DDP tests of the losses (test_ddp_exact noun/iic, test_vilseg two_process_*) spawn processes, which mutmut's
     # forked runner cannot start: the selection is the single-process tests that call the losses
     'losses': dict(path='vilseg/losses.py',
@@ -60,6 +61,15 @@ MODULES = {
                              '-k', '(test_protocols.py and (preset or errors)) or (test_wiring.py and run_protocol)']),
     'proposals': dict(path='vilseg/proposals.py',
                       tests=['tests/test_zeroshot.py', '-k', 'not notebook and not torchrun and not cli']),
+    # the zero-shot module's functions behind its reported numbers (pseudo labels, the ensemble, the evaluation); its
+    # training loop and I/O are left to the tests that run it end to end
+    'zeroshot': dict(path='vilseg/zeroshot.py',
+                     functions=['vilseg.zeroshot.x_pseudo_assign__mutmut_*', 'vilseg.zeroshot.x_ensemble_probs__mutmut_*',
+                                'vilseg.zeroshot.x_zeroshot_scores__mutmut_*', 'vilseg.zeroshot.x_evaluate_zeroshot__mutmut_*',
+                                'vilseg.zeroshot.x_pseudo_quality__mutmut_*', 'vilseg.zeroshot.x__fixed_size__mutmut_*'],
+                     tests=['tests/test_zeroshot.py', 'tests/test_mutants_kill.py',
+                            '-k', '(test_zeroshot.py and not notebook and not torchrun and not cli and not ddp) '
+                                  'or (test_mutants_kill.py and zeroshot)']),
 }
 KILL_TESTS = 'tests/test_mutants_kill.py'
 LAUNCH = Path(__file__).with_name('mutmut_launch.py')   # mutmut's command line with shims for mutmut 3.3.1 under pytest 9

@@ -618,3 +618,207 @@ def test_readout_pamr_placement():
     torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=3, pamr_scale=0.5), want)
     m.cfg.pamr_scale = 0.5                                                     # the model's own scale when none is given
     torch.testing.assert_close(m.scores(x, names, method='dense', pamr_iters=3), want)
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot
+def test_zeroshot_pseudo_assign_by_hand():
+    "Both pseudo-label protocols on a hand case: seen ground truth kept, unseen filled per rule, the rest 255."
+    from vilseg.zeroshot import pseudo_assign
+    seen, unseen = [0, 1], [2, 3]
+    true = torch.tensor([[0, 1, 2, 3, 255, 2]])
+    # per pixel: P(class) for classes 0..3 (columns of one row of 6 pixels)
+    p = torch.tensor([[0.10, 0.10, 0.10, 0.70, 0.10, 0.20],
+                      [0.10, 0.60, 0.10, 0.10, 0.10, 0.50],
+                      [0.70, 0.20, 0.45, 0.05, 0.50, 0.10],
+                      [0.10, 0.10, 0.35, 0.15, 0.30, 0.20]]).view(4, 1, 6)
+    # unseen_gt: only pixels whose truth is unseen; the best unseen class, its share among the unseen >= threshold
+    # pixel 2: shares 0.45/0.80 = 0.5625 -> 2; pixel 3: 0.15/0.20 = 0.75 -> 3; pixel 5: 0.20/0.30 = 0.667 -> 3
+    assert pseudo_assign(p, true, seen, unseen, 'unseen_gt', 0.0).tolist() == [[0, 1, 2, 3, 255, 3]]
+    assert pseudo_assign(p, true, seen, unseen, 'unseen_gt', 0.6).tolist() == [[0, 1, 255, 3, 255, 3]]
+    assert pseudo_assign(p, true, seen, unseen, 'unseen_gt', 0.7).tolist() == [[0, 1, 255, 3, 255, 255]]
+    # unlabelled: every pixel not of a seen class whose argmax over all classes is unseen, with probability >= threshold
+    # pixel 2: argmax 0 (seen) -> 255; pixel 3: argmax 0 -> 255; pixel 4 (255): argmax 2 (0.50) -> 2; pixel 5: argmax 1 -> 255
+    assert pseudo_assign(p, true, seen, unseen, 'unlabelled', 0.5).tolist() == [[0, 1, 255, 255, 2, 255]]
+    assert pseudo_assign(p, true, seen, unseen, 'unlabelled', 0.51).tolist() == [[0, 1, 255, 255, 255, 255]]
+    q = p.clone(); q[:, 0, 3] = torch.tensor([0.1, 0.1, 0.2, 0.6])                    # pixel 3 now argmax 3 at 0.6
+    assert pseudo_assign(q, true, seen, unseen, 'unlabelled', 0.5).tolist() == [[0, 1, 255, 3, 2, 255]]
+    with pytest.raises(ValueError, match=r"pseudo protocol must be one of \('unseen_gt', 'unlabelled'\), got 'none'"):
+        pseudo_assign(p, true, seen, unseen, 'none', 0.0)
+    # an all-zero unseen column does not divide by zero (the clamp): the pixel keeps its first unseen class
+    z = p.clone(); z[2:, 0, 2] = 0.0
+    assert pseudo_assign(z, true, seen, unseen, 'unseen_gt', 0.0)[0, 2] == 2
+
+
+def test_zeroshot_ensemble_probs_against_the_formula():
+    "p_dec^(1-w) * p_bb^w per class, p_bb from mask-pooled, normalised backbone features; with and without background."
+    from vilseg.zeroshot import ensemble_probs
+    g = torch.Generator().manual_seed(0)
+    B, N, C, D, h, w = 2, 3, 4, 5, 2, 3
+    feats, text = torch.randn(B, h, w, D, generator=g) * 3, F.normalize(torch.randn(C, D, generator=g), dim=-1)
+    masks = torch.randn(B, N, 2 * h, 2 * w, generator=g) * 2                        # twice the feature grid
+    weights = torch.tensor([0.0, 0.3, 0.8, 1.0])
+    for background in (False, True):
+        logits = torch.randn(B, N, C + background, generator=g)
+        got = ensemble_probs({'logits': logits, 'masks': masks}, feats, text, background, 7.0, weights)
+        want = torch.zeros(B, N, C)
+        for b in range(B):
+            for n in range(N):
+                pd = logits[b, n].softmax(-1)[:C]
+                m = torch.sigmoid(masks[b, n]).view(h, 2, w, 2).mean((1, 3))          # the mask averaged onto the grid
+                zf = F.normalize(feats[b], dim=-1)
+                e = F.normalize((m[..., None] * zf).sum((0, 1)) / m.sum(), dim=0)
+                pb = (7.0 * e @ text.T).softmax(-1)
+                want[b, n] = pd ** (1 - weights) * pb ** weights
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+class _StubBackbone:
+    "A frozen 'backbone' for the zero-shot read-out: features = the image's 2x2-pooled first channels, fixed text."
+    def __init__(self, text):
+        self.device, self._text = torch.device('cpu'), text
+        self.clip = type('C', (), {'logit_scale': torch.tensor(math.log(5.0))})()
+    def features(self, x): return F.avg_pool2d(x, 2).permute(0, 2, 3, 1)[..., :2]
+    def text(self, class_names, templates=None): return self._text
+
+
+class _StubDecoder(torch.nn.Module):
+    "Returns fixed per-image logits and masks (by the image's mean value); records what it was called with."
+    def __init__(self, logits, masks, background):
+        super().__init__(); self.logits, self.masks = logits, masks
+        self.cfg = type('Cfg', (), {'background': background})(); self.calls = []
+    def forward(self, f, x, text):
+        self.calls.append((f.shape, x.shape, text.shape, self.training))
+        i = x.mean((1, 2, 3)).argsort().argsort()                                  # image k has the k-th smallest mean
+        return {'logits': self.logits[i], 'masks': self.masks[i]}
+
+
+def test_zeroshot_scores_against_the_formula():
+    "S = sum_n p_nc sigmoid(up(mask_n)); with ensemble weights p is `ensemble_probs`; out_size resizes bilinearly."
+    from vilseg.zeroshot import zeroshot_scores, ensemble_probs
+    from vilseg.views import normalize
+    g = torch.Generator().manual_seed(1)
+    text = F.normalize(torch.randn(3, 2, generator=g), dim=-1)
+    logits, masks = torch.randn(2, 4, 4, generator=g), torch.randn(2, 4, 4, 6, generator=g) * 3
+    dec = _StubDecoder(logits, masks, background=True)
+    bb = _StubBackbone(text)
+    imgs = torch.stack([torch.full((3, 8, 12), 40, dtype=torch.uint8), torch.full((3, 8, 12), 200, dtype=torch.uint8)])
+    imgs[1, 0, :4] = 10                                                              # not a constant image
+    up = F.interpolate(masks, size=(8, 12), mode='bilinear', align_corners=False).sigmoid()
+    want = torch.einsum('bnc,bnhw->bchw', logits.softmax(-1)[..., :3], up)
+    torch.testing.assert_close(zeroshot_scores(dec, bb, imgs, text), want)
+    torch.testing.assert_close(zeroshot_scores(dec, bb, imgs, text, out_size=(8, 12)), want)
+    torch.testing.assert_close(zeroshot_scores(dec, bb, imgs, text, out_size=(5, 7)),
+                               F.interpolate(want, size=(5, 7), mode='bilinear', align_corners=False))
+    assert dec.calls[0][:3] == (torch.Size([2, 4, 6, 2]), torch.Size([2, 3, 8, 12]), torch.Size([3, 2]))
+    wts = torch.tensor([0.2, 0.5, 0.9])
+    f = bb.features(normalize(imgs))
+    p = ensemble_probs({'logits': logits, 'masks': masks}, f, text, True, 5.0, wts)
+    torch.testing.assert_close(zeroshot_scores(dec, bb, imgs, text, ensemble_weights=wts), torch.einsum('bnc,bnhw->bchw', p, up),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_zeroshot_evaluate_by_hand():
+    "evaluate_zeroshot's seen/unseen metrics and error shares from a hand-made prediction (4 classes, 0 = background)."
+    from vilseg.zeroshot import evaluate_zeroshot
+    names = [['background'], ['cat'], ['dog'], ['cow']]
+    seen, unseen = [0, 1], [2, 3]
+    # one 2 x 4 image; the 'decoder' predicts through one query per class with a huge mask on its pixels
+    truth = torch.tensor([[0, 1, 2, 2], [3, 3, 1, 255]])
+    pred = torch.tensor([[0, 1, 2, 0], [3, 1, 1, 2]])
+    N = 4; logits = torch.full((1, N, 4), -30.0); logits[0, torch.arange(4), torch.arange(4)] = 30.0
+    masks = torch.full((1, N, 2, 4), -30.0)
+    for c in range(4): masks[0, c][pred == c] = 30.0
+    dec = _StubDecoder(logits, masks, background=False)
+    ds = [{'image': torch.zeros(3, 2, 4, dtype=torch.uint8), 'label': truth}]
+    r = evaluate_zeroshot(dec, _StubBackbone(torch.eye(4)), ds, names, seen, unseen, bg_index=0, progress=False)
+    # IoU (the 255 pixel ignored): bg 1/2 (tp 1, gt 1, pred 2), cat 2/3 (tp 2, gt 2, pred 3), dog 1/2 (tp 1, gt 2, pred 1),
+    # cow 1/2 (tp 1, gt 2, pred 1)
+    iou = [1 / 2, 2 / 3, 1 / 2, 1 / 2]
+    assert r['iou'] == pytest.approx(dict(zip(['background', 'cat', 'dog', 'cow'], iou)))
+    ms, mu = (iou[0] + iou[1]) / 2, (iou[2] + iou[3]) / 2
+    assert r['miou_seen'] == pytest.approx(ms) and r['miou_unseen'] == pytest.approx(mu)
+    assert r['hiou'] == pytest.approx(2 * ms * mu / (ms + mu)) and r['miou'] == pytest.approx(sum(iou) / 4)
+    # 4 unseen pixels: 2 right (dog at (0,2), cow at (1,0)), 1 as background (dog at (0,3)), 1 as seen cat (cow at (1,1))
+    assert r['unseen_pixel_acc'] == pytest.approx(0.5)
+    assert r['unseen_as_background'] == pytest.approx(0.25) and r['unseen_as_seen'] == pytest.approx(0.25)
+    assert r['n_images'] == 1 and dec.calls[-1][3] is False and dec.training     # evaluated in eval mode, the mode restored
+    # without a background index: no 'as background' share; seen includes class 0 as a foreground class then
+    r2 = evaluate_zeroshot(dec, _StubBackbone(torch.eye(4)), ds, names, seen, unseen, bg_index=None, progress=False)
+    assert r2['unseen_as_background'] is None and r2['unseen_as_seen'] == pytest.approx(0.5)
+    # max_images and batching: two images, the second all ignored, counted but changing nothing
+    ds2 = ds + [{'image': torch.zeros(3, 2, 4, dtype=torch.uint8), 'label': torch.full((2, 4), 255)}]
+    dec2 = _StubDecoder(logits.expand(2, -1, -1), masks.expand(2, -1, -1, -1), background=False)
+    r3 = evaluate_zeroshot(dec2, _StubBackbone(torch.eye(4)), ds2, names, seen, unseen, bg_index=0, progress=False, batch_size=1)
+    assert r3['n_images'] == 2 and r3['miou'] == pytest.approx(r['miou'])
+    assert evaluate_zeroshot(dec2, _StubBackbone(torch.eye(4)), ds2, names, seen, unseen, bg_index=0, progress=False,
+                             max_images=1)['n_images'] == 1
+
+
+def test_zeroshot_evaluate_ensemble_weights_per_class():
+    "ensemble=(alpha, beta): alpha on the training classes (default: seen), beta on the others, passed to the read-out."
+    import vilseg.zeroshot as zs
+    got = []
+    def fake_scores(decoder, backbone, x, text, out_size=None, ensemble_weights=None):
+        got.append(None if ensemble_weights is None else ensemble_weights.tolist())
+        return torch.zeros(x.shape[0], 4, *out_size)
+    names = [['background'], ['cat'], ['dog'], ['cow']]
+    ds = [{'image': torch.zeros(3, 2, 2, dtype=torch.uint8), 'label': torch.zeros(2, 2, dtype=torch.long)}]
+    dec = _StubDecoder(None, None, False)
+    orig = zs.zeroshot_scores; zs.zeroshot_scores = fake_scores
+    try:
+        zs.evaluate_zeroshot(dec, _StubBackbone(torch.eye(4)), ds, names, [0, 1], [2, 3], progress=False)
+        zs.evaluate_zeroshot(dec, _StubBackbone(torch.eye(4)), ds, names, [0, 1], [2, 3], progress=False, ensemble=(0.2, 0.7))
+        zs.evaluate_zeroshot(dec, _StubBackbone(torch.eye(4)), ds, names, [0, 1], [2, 3], progress=False, ensemble=(0.2, 0.7),
+                             train_classes=[0, 1, 3])
+    finally: zs.zeroshot_scores = orig
+    assert got[0] is None
+    assert got[1] == pytest.approx([0.2, 0.2, 0.7, 0.7]) and got[2] == pytest.approx([0.2, 0.2, 0.7, 0.2])
+
+
+def test_zeroshot_pseudo_quality_by_hand(tmp_path):
+    "Per-class precision and recall of pseudo labels and the accuracy over pseudo-labelled pixels, from hand counts."
+    from vilseg.zeroshot import pseudo_quality, _png
+    class DS:
+        items = []
+        def map_label(self, raw, path=None): return raw
+    ds = DS(); (tmp_path / 'p' / 'SegmentationClass').mkdir(parents=True)
+    truths = [torch.tensor([[2, 2, 3], [0, 3, 255]]), torch.tensor([[3, 3, 3], [1, 1, 2]])]
+    pseudo = [torch.tensor([[2, 3, 3], [2, 255, 1]]), torch.tensor([[3, 255, 2], [1, 255, 2]])]
+    for k, (t, p) in enumerate(zip(truths, pseudo)):
+        (tmp_path / f't{k}.png').write_bytes(_png(t)); (tmp_path / 'p' / 'SegmentationClass' / f'i{k}.png').write_bytes(_png(p))
+        ds.items.append((f'i{k}', None, tmp_path / f't{k}.png'))
+    names = [['background'], ['cat'], ['dog'], ['cow']]
+    q = pseudo_quality(tmp_path / 'p', ds, [2, 3], names)
+    # dog: pseudo at (0,0,0) ok, (0,1,0) wrong (bg), (1,0,2) wrong (cow), (1,1,2) ok -> tp 2, pred 4; true dog: 2 + 1 = 3
+    # cow: pseudo at (0,0,1) wrong (dog), (0,0,2) ok, (1,0,0) ok -> tp 2, pred 3; true cow pixels: 2 + 3 = 5
+    assert q['per_class']['dog'] == {'precision': pytest.approx(2 / 4), 'recall': pytest.approx(2 / 3), 'pseudo_pixels': 4, 'true_pixels': 3}
+    assert q['per_class']['cow'] == {'precision': pytest.approx(2 / 3), 'recall': pytest.approx(2 / 5), 'pseudo_pixels': 3, 'true_pixels': 5}
+    assert q['precision'] == pytest.approx(4 / 7) and q['recall'] == pytest.approx(4 / 8)
+    assert q['accuracy'] == pytest.approx(4 / 7) and q['pseudo_pixels'] == 7 and q['images'] == 2
+    q1 = pseudo_quality(tmp_path / 'p', ds, [2, 3], names, max_images=1)
+    assert q1['images'] == 1 and q1['per_class']['cow'] == {'precision': pytest.approx(1 / 2), 'recall': pytest.approx(1 / 2),
+                                                             'pseudo_pixels': 2, 'true_pixels': 2}
+    # 'cat' as the unseen class: pseudo at (0,1,2) (true 255) and (1,1,0) (right); true cat pixels 2
+    qn = pseudo_quality(tmp_path / 'p', ds, [1], names)
+    assert qn['per_class']['cat'] == {'precision': pytest.approx(1 / 2), 'recall': pytest.approx(1 / 2), 'pseudo_pixels': 2, 'true_pixels': 2}
+    assert qn['accuracy'] == pytest.approx(1 / 2)
+    # in the first image alone cat has no true pixel: its recall is None (not NaN), its precision 0
+    q0 = pseudo_quality(tmp_path / 'p', ds, [1], names, max_images=1)
+    assert q0['per_class']['cat']['recall'] is None and q0['per_class']['cat']['precision'] == 0.0 and q0['recall'] is None
+    assert q0['accuracy'] == 0.0
+
+
+def test_zeroshot_fixed_size_by_hand():
+    "Short side to `size` (labels nearest), then the centre square; a square image of that size is returned as is."
+    from vilseg.zeroshot import _fixed_size
+    lab = torch.arange(12).repeat(8, 1)                                          # 8 x 12, column index as label
+    img = torch.zeros(3, 8, 12, dtype=torch.uint8); img[0] = (lab * 20).to(torch.uint8)
+    i2, l2 = _fixed_size(img, lab, 4)                                            # -> 4 x 6 (nearest: columns 0, 2, ..., 10), centre 4
+    assert i2.shape == (3, 4, 4) and l2.shape == (4, 4)
+    assert l2[0].tolist() == [2, 4, 6, 8] and (l2 == l2[0]).all()
+    assert i2[0, 0, 0] > 20 and i2[0, 0, -1] < 200 and (i2[1:] == 0).all()
+    sq, sl = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(4, 4, dtype=torch.long)
+    a, b = _fixed_size(sq, sl, 4)
+    assert a is sq and b is sl
+    t, tl = _fixed_size(img.transpose(1, 2), lab.T, 4)                           # tall: the centre rows
+    assert t.shape == (3, 4, 4) and tl[:, 0].tolist() == [2, 4, 6, 8]

@@ -62,3 +62,26 @@ def test_world_refuses_to_write_into_foreign_folder(tmp_path):
 def test_data_prep_scripts_have_help(script):
     r = subprocess.run([sys.executable, str(ROOT / 'data_prep' / script), '--help'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and 'usage' in r.stdout.lower(), r.stderr
+
+
+def test_world_training_images_decoded_once_give_the_same_views(world, tmp_path):
+    "world_datasets serves the training images from one decoded array: the views of each seed equal those read from the files."
+    import copy, shutil
+    from PIL import Image
+    from vilseg.captions import collate_captions, load_image
+    from vilseg.train import TrainConfig, world_datasets, SeededSamples
+    w = tmp_path / 'w'; shutil.copytree(world, w)
+    cfg = TrainConfig.from_recipe('demo')
+    ds = world_datasets(str(w), cfg.view_config(), 'train.tsv')[0]
+    assert ds.decoded is not None and ds.decoded.ok.all() and ds.decoded.path.parent == w / 'decoded'
+    files = copy.copy(ds); files.decoded = None
+    a, b = SeededSamples(ds), SeededSamples(files)
+    ba, bb = collate_captions([a[(i, 7 * i)] for i in range(len(ds))]), collate_captions([b[(i, 7 * i)] for i in range(len(ds))])
+    assert ba['image'].keys() == bb['image'].keys() and len(ba['image']) >= 3
+    for k in ba['image']: assert torch.equal(ba['image'][k], bb['image'][k]), k
+    assert ba['caption'] == bb['caption']
+    # a second call reads the same array; a changed image makes a new one, with the new pixels
+    assert world_datasets(str(w), cfg.view_config(), 'train.tsv')[0].decoded.path == ds.decoded.path
+    p = ds.items[0][1]; Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(p)
+    again = world_datasets(str(w), cfg.view_config(), 'train.tsv')[0].decoded
+    assert again.path != ds.decoded.path and torch.equal(again[0], load_image(p)) and not torch.equal(again[0], ds.decoded[0])

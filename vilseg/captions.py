@@ -19,7 +19,8 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 from .core import VilsegDataError
 
 # %% auto #0
-__all__ = ['load_image', 'decode_caption', 'DataHealth', 'collate_captions', 'CsvCaptions', 'WdsCaptions', 'CocoCaptions']
+__all__ = ['load_image', 'decode_caption', 'DataHealth', 'collate_captions', 'DecodedImages', 'CsvCaptions', 'WdsCaptions',
+           'CocoCaptions']
 
 # %% ../nbs/01_captions.ipynb #c005
 def _data_error(path, kind: str, detail: str = '') -> VilsegDataError:
@@ -148,21 +149,83 @@ def collate_captions(batch: list) -> dict:
     out['n_skipped'] = n_skipped
     return out
 
+# %% ../nbs/01_captions.ipynb #c022b
+class DecodedImages:
+    """Every image of a map-style caption dataset decoded once into one `uint8` array `N x H x W x 3`, stored as a `.npy`
+    file and memory-mapped: loader workers share it through the operating system's page cache instead of each decoding
+    JPEGs at every epoch. Each row is exactly what `load_image` returns for its file (the same decoder, once), so
+    training sees the same pixels. An image that does not decode is marked and read from its file as before (its error
+    is recorded then). The file is keyed by the images' names, sizes and modification times: a changed dataset makes a
+    new one. Only for datasets whose images share one size (the embedded world); `build` returns None otherwise."""
+    def __init__(self, path, ok: np.ndarray):
+        self.path, self.ok, self._arr = Path(path), ok, None
+
+    @staticmethod
+    def key(items) -> str:
+        import hashlib
+        h = hashlib.sha256()
+        for _, p, _ in items:
+            st = Path(p).stat(); h.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        return h.hexdigest()[:24]
+
+    @classmethod
+    def build(cls, items, folder, progress: bool = True) -> 'DecodedImages | None':
+        "The array of `items` (`(key, path, caption)`) in `folder` (made, or read when its key matches)."
+        import os
+        from vilseg.core import atomic_write_json, tqdm
+        folder = Path(folder); key = cls.key(items)
+        npy, meta = folder / f'{key}.npy', folder / f'{key}.json'
+        if npy.is_file() and meta.is_file():
+            m = json.loads(meta.read_text())
+            if m.get('n') == len(items): return cls(npy, np.asarray(m['ok'], dtype=bool))
+        arr, ok, shape = None, np.zeros(len(items), dtype=bool), None
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = npy.with_name(npy.name + f'.tmp{os.getpid()}')
+        try:
+            for i, (_, p, _) in enumerate(tqdm(items, desc='decoding the images once', unit='img', disable=not progress)):
+                try: img = load_image(p)
+                except VilsegDataError: continue
+                if shape is None:
+                    shape = tuple(img.shape)
+                    arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(items), shape[1], shape[2], 3))
+                if tuple(img.shape) != shape: return None                 # sizes differ: no array
+                arr[i] = img.permute(1, 2, 0).numpy(); ok[i] = True
+            if arr is None: return None
+            arr.flush(); del arr
+            os.replace(tmp, npy)
+            atomic_write_json(meta, {'n': len(items), 'shape': list(shape), 'ok': ok.astype(int).tolist()}, indent=None)
+        finally:
+            if tmp.exists(): tmp.unlink()
+        return cls(npy, ok)
+
+    def __getstate__(self): return {**self.__dict__, '_arr': None}      # workers map the file themselves
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        "Image `i` as `load_image` gives it (3 x H x W, contiguous)."
+        if self._arr is None: self._arr = np.load(self.path, mmap_mode='r')
+        return torch.from_numpy(np.ascontiguousarray(self._arr[i].transpose(2, 0, 1)))
+
 # %% ../nbs/01_captions.ipynb #c022
 class _MapCaptions(Dataset):
     def __init__(self, transform: Optional[Callable] = None):
         self.transform, self.health, self.items, self._bad = transform, DataHealth(), [], set()
+        self.decoded: DecodedImages | None = None      # images decoded once (see above); None: from their files
 
     def __len__(self): return len(self.items)
 
     def _caption(self, caps): return caps
+
+    def decode_once(self, folder, progress: bool = True) -> bool:
+        "Serve the images from a `DecodedImages` array in `folder` (built when missing); False when the sizes differ."
+        self.decoded = DecodedImages.build(self.items, folder, progress)
+        return self.decoded is not None
 
     def _require_items(self, source):
         if not self.items: raise VilsegDataError(source, f'no usable samples ({self.health.summary()})')
 
     def __getitem__(self, i: int):
         key, path, caps = self.items[i]
-        try: img = load_image(path)
+        try: img = self.decoded[i] if self.decoded is not None and self.decoded.ok[i] else load_image(path)
         except VilsegDataError as e:
             if i not in self._bad: self._bad.add(i); self.health.skip(_kind(e, 'corrupt image'), path)
             return None

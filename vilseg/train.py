@@ -288,11 +288,13 @@ def _dist_env():
         return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ.get('LOCAL_RANK', 0))
     return 0, 1, 0
 
-def world_datasets(data: str, view_cfg: ViewConfig, captions: str = 'train.tsv'):
-    "Train captions (+ val and calibration dense splits when `data` is a world root)."
+def world_datasets(data: str, view_cfg: ViewConfig, captions: str = 'train.tsv', progress: bool = False):
+    """Train captions (+ val and calibration dense splits when `data` is a world root). A world's training images are
+    decoded once into `data/decoded/` (`captions.DecodedImages`: the same pixels, no JPEG decoding in the loader)."""
     p = Path(data)
     if p.is_dir() and (p / 'world.json').exists():
         train = CsvCaptions(p / 'captions' / captions, transform=MultiView(view_cfg))
+        train.decode_once(p / 'decoded', progress)
         return train, VOCStyleSegmentation(p, 'val'), VOCStyleSegmentation(p, 'train')
     if p.suffix in ('.tsv', '.csv'):
         return CsvCaptions(p, transform=MultiView(view_cfg)), None, None
@@ -355,7 +357,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     ck_path = out / 'checkpoint.pt'
     set_seed(cfg.seed)
     model = ViLSeg(cfg.model_config()).to(device)
-    train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions)
+    train_ds, val, calib = world_datasets(cfg.data, cfg.view_config(), cfg.captions, progress=cfg.progress and rank == 0)
     vocab = None
     if cfg.lambda_nouns > 0:
         caps = [c for _, _, cs in train_ds.items for c in (cs if isinstance(cs, (list, tuple)) else [cs])]

@@ -106,10 +106,21 @@ export: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --allow-root --notebook-dir=nbs
 
+# Speed and memory, side by side in one process where they are compared (bench/*.py, each with --help); every table is
+# also written to runs/bench/NAME.txt. Needs data/world (made when missing); the read-out uses $(DEMO_DIR)/checkpoint.pt
+# when it exists (an untrained model of the demo's shape otherwise: the cost does not depend on the weights).
+BENCH_OUT := runs/bench
 bench: $(STAMP)
-	$(BIN)/python bench/bench_world.py
-	$(BIN)/python bench/bench_train.py
-	$(BIN)/python bench/bench_ratios.py
-	$(BIN)/python bench/bench_eval.py --model vilseg-tiny
-	$(BIN)/python bench/bench_eval.py --model ViT-B-16 --images 2
-	$(BIN)/python bench/bench_zeroshot.py
+	test -f data/world/world.json || $(MAKE) world
+	mkdir -p $(BENCH_OUT)
+	set -o pipefail; \
+	$(BIN)/python bench/bench_ratios.py | tee $(BENCH_OUT)/ratios.txt && \
+	$(BIN)/python bench/bench_data.py --steps 40 | tee $(BENCH_OUT)/data.txt && \
+	$(BIN)/python bench/bench_readout.py --checkpoint $(DEMO_DIR)/checkpoint.pt --repeats 3 --real-repeats 1 | tee $(BENCH_OUT)/readout.txt && \
+	$(BIN)/python bench/bench_pamr.py --repeats 3 | tee $(BENCH_OUT)/pamr.txt && \
+	$(BIN)/python bench/bench_eval.py --model vilseg-tiny | tee $(BENCH_OUT)/eval_tiny.txt && \
+	$(BIN)/python bench/bench_eval.py --model ViT-B-16 --images 2 | tee $(BENCH_OUT)/eval_vitb16.txt && \
+	$(BIN)/python bench/bench_train.py | tee $(BENCH_OUT)/train.txt && \
+	$(BIN)/python bench/bench_train.py --model ViT-B-16 --image-size 224 --batch-size 16 --steps 3 | tee $(BENCH_OUT)/train_vitb16.txt && \
+	$(BIN)/python bench/bench_zeroshot.py | tee $(BENCH_OUT)/zeroshot.txt && \
+	$(BIN)/python bench/bench_world.py --n 500 | tee $(BENCH_OUT)/world.txt

@@ -1,5 +1,7 @@
 """Cost of the PAMR read-out refinement (`vilseg.clustering.pamr`, `nbs/07_clustering`) on its own: milliseconds
 per image for score maps of a given size and class count, at the demo's setting (10 steps, dilations 1, 2, 4, 8, 12, 24),
+for its two computations side by side (each step as one sparse matrix product, the CPU's path; and the sum of the 48
+shifted maps, the path on other devices), with the largest difference between their results;
 and how that compares with the rest of the read-out on the embedded world (`--world`: the demo checkpoint's
 `evaluate` with and without PAMR on the val split).
 
@@ -10,8 +12,9 @@ and how that compares with the rest of the read-out on the embedded world (`--wo
 With `--scales`, each placement (`pamr_scale`: 1 = the input size, 0.25 = TCL's quarter size) is evaluated in the same
 process on the val split at the background threshold calibrated for it on the train split's calibration images, for
 both read-outs (clusters and dense), with the seconds per image of the whole read-out."""
-import argparse, json, time
+import argparse, json, statistics, time
 import torch
+import vilseg.clustering as cl
 from vilseg.clustering import pamr
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,12 +37,21 @@ rows = []
 for size, C, B in zip(a.sizes, a.classes, a.batch):
     g = torch.Generator().manual_seed(0)
     img, S = torch.rand(B, 3, size, size, generator=g), torch.randn(B, C, size, size, generator=g)
-    pamr(img, S, a.iters)                                                  # warm-up
-    t = time.perf_counter()
-    for _ in range(a.repeats): pamr(img, S, a.iters)
-    ms = (time.perf_counter() - t) / (a.repeats * B) * 1000
-    rows.append({'size': size, 'classes': C, 'batch': B, 'iters': a.iters, 'ms_per_image': round(ms, 2)})
+    outs, ts = {}, {True: [], False: []}
+    for r in range(a.repeats + 1):                                         # round 0 warms up; the two paths alternate
+        for sparse in (True, False):
+            cl.PAMR_SPARSE = sparse
+            t = time.perf_counter(); outs[sparse] = pamr(img, S, a.iters); dt = time.perf_counter() - t
+            if r: ts[sparse].append(dt)
+    cl.PAMR_SPARSE = True
+    ms = {k: statistics.median(v) / B * 1000 for k, v in ts.items()}
+    rows.append({'size': size, 'classes': C, 'batch': B, 'iters': a.iters, 'ms_per_image': round(ms[True], 2),
+                 'ms_per_image_shifted_sum': round(ms[False], 2), 'speedup': round(ms[False] / ms[True], 2),
+                 'max_abs_diff': float((outs[True] - outs[False]).abs().max())})
     print(json.dumps(rows[-1]), flush=True)
+print(f'\n| scores | sparse product, ms / image | sum of shifted maps, ms / image | speed-up | max abs difference |\n|---|---|---|---|---|')
+for r in rows:
+    print(f"| {r['batch']} x {r['classes']} x {r['size']}² | {r['ms_per_image']} | {r['ms_per_image_shifted_sum']} | {r['speedup']} | {r['max_abs_diff']:.1e} |")
 
 if a.world and a.scales:
     from vilseg.cli import load_model

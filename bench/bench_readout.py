@@ -29,7 +29,13 @@ ap.add_argument('--threads', type=int, default=torch.get_num_threads())
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
-m, _ = load_model(a.checkpoint)
+from pathlib import Path
+if Path(a.checkpoint).is_file(): m, _ = load_model(a.checkpoint)
+else:                                   # the costs do not depend on the weights: an untrained model of the demo's shape
+    from vilseg.train import TrainConfig
+    from vilseg.vilseg import ViLSeg
+    print(f'{a.checkpoint} not found: timing an untrained model of the demo recipe (make demo trains one)', flush=True)
+    torch.manual_seed(0); m = ViLSeg(TrainConfig.from_recipe('demo').model_config())
 m.eval()
 val = VOCStyleSegmentation(a.data, 'val')
 x = torch.stack([val[i]['image'] for i in range(a.images)])

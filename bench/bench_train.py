@@ -1,26 +1,52 @@
-"""Training-step speed and memory of the tiny configs on synthetic batches (no data loading): s/step, images/s, peak RSS."""
+"""Training-step speed and memory on synthetic batches (no data loading): s/step (median after a warm-up step), images/s,
+FLOPs per step (`torch.utils.flop_counter`) and the model FLOP utilisation against a large matmul in the same process,
+and the process's peak RSS (weights, optimiser state, activations; `ru_maxrss`, so it only grows from one setting to the next).
+
+    .venv/bin/python bench/bench_train.py                                         # vilseg-tiny, 64 px, batch 64: 4 settings
+    .venv/bin/python bench/bench_train.py --model ViT-B-16 --image-size 224 --batch-size 16 --steps 3   # cross-modal only
+    .venv/bin/python bench/bench_train.py --model ViT-B-16 --image-size 224 --batch-size 16 --steps 3 --settings full
+
+Run each model in its own process to get its own peak memory."""
 import argparse, json, resource, time
 import torch
 from vilseg.vilseg import ViLSeg, ViLSegConfig
 from vilseg.train import make_optimizer
 
-ap = argparse.ArgumentParser(description=__doc__)
+SETTINGS = {'cross': ('cross only', dict(lambda_vision=0, lambda_cluster=0)),
+            'vision': ('cross + vision (2 local crops)', dict(lambda_cluster=0)),
+            'detached': ('full ViL-Seg (detached pair)', dict(cluster_detach=True)),
+            'full': ('full ViL-Seg (pair with gradient)', dict(cluster_detach=False))}
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument('--model', default='vilseg-tiny')
+ap.add_argument('--image-size', type=int, default=64, help='the global and paired views (local crops: half of it)')
 ap.add_argument('--batch-size', type=int, default=64)
 ap.add_argument('--steps', type=int, default=5)
+ap.add_argument('--settings', nargs='+', choices=list(SETTINGS), default=None,
+                help='default: all four for vilseg-tiny, cross-modal only for other models')
 ap.add_argument('--threads', type=int, default=torch.get_num_threads())
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
-B = a.batch_size
-for name, kw in [('cross only', dict(lambda_vision=0, lambda_cluster=0)), ('cross + vision (2 local crops)', dict(lambda_cluster=0)),
-                 ('full ViL-Seg (detached pair)', dict(cluster_detach=True)), ('full ViL-Seg (pair with gradient)', dict(cluster_detach=False))]:
+B, S = a.batch_size, a.image_size
+from torch.utils.flop_counter import FlopCounterMode
+n = 2048                                                    # the practical peak: a large fp32 matmul, same process and threads
+x, y = torch.randn(n, n), torch.randn(n, n)
+for _ in range(2): x @ y
+t = time.perf_counter()
+for _ in range(10): x @ y
+peak = 2 * n ** 3 * 10 / (time.perf_counter() - t); del x, y
+for key in a.settings or (list(SETTINGS) if a.model.startswith('vilseg-') else ['cross']):
+    name, kw = SETTINGS[key]
     torch.manual_seed(0)
-    m = ViLSeg(ViLSegConfig(model='vilseg-tiny', cluster_warmup=0, **kw)); opt = make_optimizer(m, 3e-4, 0.05)
-    b = {'global': torch.randn(B, 3, 64, 64), 'tokens': m.tokenizer(['a red star and a blue ring next to a tree'] * B)}
-    if m.cfg.lambda_vision: b['local'] = torch.randn(B, 2, 3, 32, 32)
-    if m.cfg.lambda_cluster: b.update(pair=torch.randn(B, 3, 64, 64), pair_box=torch.tensor([[.1, .1, .8, .9]] * B), pair_flip=torch.zeros(B, dtype=torch.bool))
+    m = ViLSeg(ViLSegConfig(model=a.model, cluster_warmup=0, **kw)); opt = make_optimizer(m, 3e-4, 0.05)
+    b = {'global': torch.randn(B, 3, S, S), 'tokens': m.tokenizer(['a red star and a blue ring next to a tree'] * B)}
+    if m.cfg.lambda_vision: b['local'] = torch.randn(B, 2, 3, S // 2, S // 2)
+    if m.cfg.lambda_cluster: b.update(pair=torch.randn(B, 3, S, S), pair_box=torch.tensor([[.1, .1, .8, .9]] * B), pair_flip=torch.zeros(B, dtype=torch.bool))
+    def step(): o = m(b, step=10); opt.zero_grad(); o['loss'].backward(); opt.step()
+    with FlopCounterMode(display=False) as fc: step()                # forward + backward FLOPs (and a warm-up step)
     ts = []
     for _ in range(a.steps):
-        t = time.time(); o = m(b, step=10); opt.zero_grad(); o['loss'].backward(); opt.step(); ts.append(time.time() - t)
-    s = sorted(ts[1:])[len(ts[1:]) // 2]
-    print(json.dumps({'setting': name, 'batch': B, 'threads': a.threads, 's_per_step': round(s, 3), 'images_per_s': round(B / s, 1),
-                      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+        t = time.perf_counter(); step(); ts.append(time.perf_counter() - t)
+    s = sorted(ts)[len(ts) // 2]
+    print(json.dumps({'model': a.model, 'image_size': S, 'setting': name, 'batch': B, 'threads': a.threads, 's_per_step': round(s, 3),
+                      'images_per_s': round(B / s, 1), 'gflop_per_step': round(fc.get_total_flops() / 1e9, 1),
+                      'mfu': round(fc.get_total_flops() / s / peak, 3), 'matmul_peak_gflop_s': round(peak / 1e9, 1), 'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)

@@ -221,14 +221,16 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def make_optimizer(model, lr, weight_decay, head_lr: float = 0.0):
     """AdamW with groups `[decay, no_decay]`; with `head_lr > 0` two more, `[head decay, head no_decay]` at `head_lr`
-    (each group is tagged `'head': bool`)."""
+    (each group is tagged `'head': bool`). On CUDA the fused kernel (one launch for all parameters); on the CPU
+    torch's default multi-tensor one (the fused CPU kernel measured no faster on this model)."""
     groups = {(h, nd): [] for h in ((False, True) if head_lr > 0 else (False,)) for nd in (False, True)}
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
         nd = p.ndim < 2 or any(k in n for k in ('embedding', 'logit_scale', 'ln_', 'bias'))
         groups[(head_lr > 0 and n.startswith('head.'), nd)].append(p)
     return torch.optim.AdamW([{'params': ps, 'weight_decay': 0.0 if nd else weight_decay, 'lr': head_lr if h else lr, 'head': h}
-                              for (h, nd), ps in groups.items()], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                              for (h, nd), ps in groups.items()], lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=True if next(model.parameters()).is_cuda else None)
 
 def make_scheduler(opt, warmup: int, total: int, min_ratio: float):
     "Warmup + cosine for every group, except head groups (tagged by `make_optimizer`): warmup, then constant."
@@ -391,7 +393,8 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     sampler = ResumableBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, rank, ws, start_step=step)
     loader = DataLoader(SeededSamples(train_ds), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=collate_captions, persistent_workers=cfg.num_workers > 0,
-                        prefetch_factor=4 if cfg.num_workers > 0 else None, worker_init_fn=_background_worker)
+                        prefetch_factor=4 if cfg.num_workers > 0 else None, worker_init_fn=_background_worker,
+                        pin_memory=device.type == 'cuda')        # page-locked batches: asynchronous host-to-GPU copies
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if (cfg.amp and device.type == 'cuda') else contextlib.nullcontext()
     log_f = open(out / 'metrics.jsonl', 'a') if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc='train', unit='step', disable=not cfg.progress or rank != 0)

@@ -63,3 +63,19 @@ def test_attention_kernels_agree_and_the_switch_is_restored(monkeypatch):
     monkeypatch.setattr(blk, 'forward', boom)
     with pytest.raises(RuntimeError, match='boom'), torch.no_grad(): image_features(model, x, dense='maskclip')
     assert seen == [False] and torch.backends.mha.get_fastpath_enabled()
+
+
+def test_sliding_windows_sum_channels_last_scores_as_contiguous_ones():
+    "slide_scores averages the windows the same whether the read-out returns channels-last or contiguous maps."
+    from vilseg.evaluate import slide_scores
+    class Oracle:                                               # smooth scores from the pixel values and the window's position
+        def __init__(self, channels_last): self.cl = channels_last
+        def scores(self, x, names, **kw):
+            s = torch.stack([x.float().mean(1) * (k + 1) / 255 + 0.01 * k for k in range(len(names))], 1)
+            s = s + torch.linspace(0, 1, x.shape[-1])            # differs per window placement: the averaging shows
+            return s.contiguous(memory_format=torch.channels_last) if self.cl else s
+    x = torch.randint(0, 256, (2, 3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = slide_scores(Oracle(True), x, ['a', 'b', 'c'], 24, 10)
+    b = slide_scores(Oracle(False), x, ['a', 'b', 'c'], 24, 10)
+    assert a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous()
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

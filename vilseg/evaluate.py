@@ -131,7 +131,9 @@ def slide_scores(model, images: torch.Tensor, class_names, window: int, stride: 
         for x in xs:
             s = model.scores(images[..., y:y + wh, x:x + ww], class_names, **kw)
             s = torch.nan_to_num(s, neginf=-1e4)
-            if out is None: out = torch.zeros(B, s.shape[1], H, W, device=images.device)
+            if out is None:                     # in the windows' memory layout (channels-last from the read-out): a fast sum
+                fmt = torch.channels_last if s.dim() == 4 and not s.is_contiguous() and s.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+                out = torch.zeros(B, s.shape[1], H, W, device=images.device).contiguous(memory_format=fmt)
             out[..., y:y + wh, x:x + ww] += s; cnt[..., y:y + wh, x:x + ww] += 1
     return out / cnt
 

@@ -822,3 +822,61 @@ def test_zeroshot_fixed_size_by_hand():
     assert a is sq and b is sl
     t, tl = _fixed_size(img.transpose(1, 2), lab.T, 4)                           # tall: the centre rows
     assert t.shape == (3, 4, 4) and tl[:, 0].tolist() == [2, 4, 6, 8]
+
+
+def test_readout_class_embeddings_disk_cache_file_and_safety(tmp_path, monkeypatch):
+    "The cache file's exact name and folder (made with its parents), one file per class list, wrong shapes and pickles refused."
+    import hashlib, json
+    import vilseg.vilseg as V
+    root = tmp_path / 'a' / 'b'                                                 # does not exist yet
+    monkeypatch.setenv('VILSEG_CACHE', str(root))
+    names, other, tmpl = [['star'], ['ring', 'donut']], [['tree'], ['box']], ['a {}.', 'the {}.']
+    m = _micro(); m.ident = 'test:w'
+    t = m.class_embeddings(names, tmpl)
+    want = root / 'text' / (hashlib.sha256(json.dumps(['test:w', names, tmpl]).encode()).hexdigest()[:40] + '.pt')
+    assert sorted((root / 'text').iterdir()) == [want]
+    assert torch.equal(torch.load(want, weights_only=True), t)
+    calls = []
+    real = V.text_features
+    monkeypatch.setattr(V, 'text_features', lambda *a, **k: calls.append(1) or real(*a, **k))
+    m2 = _micro(); m2.ident = 'test:w'
+    t_other = m2.class_embeddings(other, tmpl)                                  # same length, other classes: its own file
+    assert len(calls) == 1 and len(list((root / 'text').iterdir())) == 2
+    plain = _micro(); torch.testing.assert_close(t_other, plain.class_embeddings(other, tmpl))
+    assert torch.equal(_set_ident(_micro(), 'test:w').class_embeddings(names, tmpl), t) and len(calls) == 2   # read, not encoded
+    # a file of another shape is recomputed (and the right values returned)
+    torch.save(torch.zeros(3, t.shape[1]), want)
+    torch.testing.assert_close(_set_ident(_micro(), 'test:w').class_embeddings(names, tmpl), t)
+    assert len(calls) == 3
+    # a pickle that would run code when loaded is refused (weights_only), and the embeddings recomputed
+    from pathlib import Path
+    class Evil:
+        def __reduce__(self): return (Path.touch, (tmp_path / 'pwned',))
+    torch.save(Evil(), want)
+    torch.testing.assert_close(_set_ident(_micro(), 'test:w').class_embeddings(names, tmpl), t)
+    assert not (tmp_path / 'pwned').exists() and len(calls) == 4
+
+
+def _set_ident(m, ident):
+    m.ident = ident
+    return m
+
+
+def test_readout_refine_tau_and_pamr_map_size(monkeypatch):
+    "The refit uses the model's refine_tau; PAMR's maps at a small pamr_scale keep at least one pixel per side, no more."
+    import vilseg.vilseg as V
+    from vilseg.encoders import image_features
+    from vilseg.views import normalize
+    m = _micro(refine_tau=0.05, refine_iters=2)
+    x = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    f = image_features(m.clip, normalize(x), dense=m.cfg.dense_features)
+    z = F.normalize(f['patches'], dim=-1)
+    want = _hand_em(z, m.head(f.get('tokens', f['patches'])), 2, 0.05)
+    torch.testing.assert_close(m._cluster_logits(f, z), want, atol=1e-4, rtol=1e-4)
+    sizes = []
+    real = V.pamr
+    monkeypatch.setattr(V, 'pamr', lambda im, S, *a, **k: sizes.append((tuple(im.shape[-2:]), tuple(S.shape[-2:]))) or real(im, S, *a, **k))
+    for H, W, want_hw in ((16, 40, (1, 2)), (40, 16, (2, 1))):                 # 16 * 0.04 rounds to 1, 40 * 0.04 to 2
+        xi = torch.randint(0, 256, (1, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        out = m.scores(xi, ['star', 'ring'], method='dense', pamr_iters=1, pamr_scale=0.04)
+        assert sizes[-1] == (want_hw, want_hw) and out.shape == (1, 2, H, W)

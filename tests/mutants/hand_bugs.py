@@ -3,7 +3,7 @@
     python tests/mutants/hand_bugs.py [--only ID ...]
 
 Each bug is applied to a copy of vilseg/ in a temporary folder, which is put first on the import path (pytest runs
-with that folder as its working directory), and `tests/test_wiring.py -k SELECTION` is run against it: a bug is
+with that folder as its working directory), and `tests/test_wiring.py -k SELECTION` (or the file the bug names) is run against it: a bug is
 caught when the selection fails. The unmutated copy must pass the same selections. Not part of `make test`."""
 import argparse, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -57,13 +57,18 @@ BUGS = {
     'collate-all-bad-lost': ('captions.py', 'if not good: return dict(n_skipped=n_skipped)', 'if not good: return {}', 'skipped'),
     'train-skip-no-sched': ('train.py', 'step += 1; sched.step(); bar.update(1); continue', 'step += 1; bar.update(1); continue', 'skipped'),
     'train-skip-threshold': ('train.py', 'if _trim_to_common_batch(batch, ws) < 2:', 'if _trim_to_common_batch(batch, ws) < 1:', 'skipped'),
+    # the cross-modal loss without the gradient through the other ranks' embeddings: the same values, other gradients
+    # (mutmut's x_cross_modal_loss #12, #17, #23, which its in-process runner cannot reach: the test spawns 2 gloo processes)
+    'ddp-gather-grad-none': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=None', 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    'ddp-gather-grad-default': ('losses.py', 'gather_with_grad=ws > 1, ', '', 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    'ddp-gather-grad-ws2': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=ws > 2', 'recipe_gradients and demo', 'test_ddp_exact.py'),
 }
 
 
-def run(sel, pkg_parent, timeout=900):
+def run(sel, pkg_parent, tests=TESTS, timeout=900):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TQDM_DISABLE': '1', 'PYTHONDONTWRITEBYTECODE': '1'}
     t = time.time()
-    r = subprocess.run([sys.executable, '-m', 'pytest', str(TESTS), '-q', '-x', '-p', 'no:cacheprovider', '-k', sel],
+    r = subprocess.run([sys.executable, '-m', 'pytest', str(tests), '-q', '-x', '-p', 'no:cacheprovider', '-k', sel],
                        cwd=pkg_parent, env=env, capture_output=True, text=True, timeout=timeout)
     return r.returncode, time.time() - t, r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
 
@@ -73,19 +78,19 @@ def main():
     ids = a.only or list(BUGS)
     with tempfile.TemporaryDirectory() as d:
         base = Path(d) / 'base'; shutil.copytree(ROOT / 'vilseg', base / 'vilseg', ignore=shutil.ignore_patterns('__pycache__'))
-        sels = sorted({BUGS[i][3] for i in ids})
-        for sel in sels:
-            rc, secs, last = run(sel, base)
+        sels = sorted({(BUGS[i][3], BUGS[i][4] if len(BUGS[i]) > 4 else TESTS.name) for i in ids})
+        for sel, tf in sels:
+            rc, secs, last = run(sel, base, TESTS.parent / tf)
             print(f'baseline  -k {sel!r}: rc={rc} ({secs:.0f} s) {last}', flush=True)
             if rc != 0: sys.exit('the unmutated package fails its selection: fix the tests first')
         caught = 0
         for i in ids:
-            mod, old, new, sel = BUGS[i]
+            mod, old, new, sel, *tf = BUGS[i]
             work = Path(d) / i; shutil.copytree(base, work)
             f = work / 'vilseg' / mod; src = f.read_text()
             if src.count(old) != 1: sys.exit(f'{i}: {old!r} occurs {src.count(old)} times in {mod}')
             f.write_text(src.replace(old, new))
-            rc, secs, last = run(sel, work)
+            rc, secs, last = run(sel, work, TESTS.parent / (tf[0] if tf else TESTS.name))
             caught += rc != 0
             print(f"{'CAUGHT ' if rc else 'MISSED '} {i:32s} {mod:12s} -k {sel!r:40s} ({secs:.0f} s) {last}", flush=True)
             shutil.rmtree(work)

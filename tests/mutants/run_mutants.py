@@ -53,9 +53,9 @@ MODULES = {
                     functions=['vilseg.vilseg.x_class_embeddings__mutmut_*', 'vilseg.vilseg.x_scores__mutmut_*',
                                'vilseg.vilseg.x_segment__mutmut_*', 'vilseg.vilseg.x__cluster_logits__mutmut_*',
                                'vilseg.vilseg.x_clusters__mutmut_*', 'vilseg.vilseg.x__as_names__mutmut_*'],
-                    tests=['tests/test_wiring.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py',
+                    tests=['tests/test_wiring.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py', 'tests/test_text_cache.py',
                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_vilseg.py and segment_odd) '
-                                 'or (test_mutants_kill.py and readout)']),
+                                 'or (test_mutants_kill.py and readout) or (test_text_cache.py and cached_on_disk)']),
     'protocols': dict(path='vilseg/protocols.py',
                       tests=['tests/test_protocols.py', 'tests/test_wiring.py',
                              '-k', '(test_protocols.py and (preset or errors)) or (test_wiring.py and run_protocol)']),

@@ -107,7 +107,7 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --allow-root --notebook-dir=nbs
 
 # Speed and memory, side by side in one process where they are compared (bench/*.py, each with --help); every table is
-# also written to runs/bench/NAME.txt. Needs data/world (made when missing); the read-out uses $(DEMO_DIR)/checkpoint.pt
+# also written to runs/bench/NAME.txt, and docs/performance.md is generated from them. Needs data/world (made when missing); the read-out uses $(DEMO_DIR)/checkpoint.pt
 # when it exists (an untrained model of the demo's shape otherwise: the cost does not depend on the weights).
 BENCH_OUT := runs/bench
 bench: $(STAMP)
@@ -124,3 +124,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py --model ViT-B-16 --image-size 224 --batch-size 16 --steps 3 | tee $(BENCH_OUT)/train_vitb16.txt && \
 	$(BIN)/python bench/bench_zeroshot.py | tee $(BENCH_OUT)/zeroshot.txt && \
 	$(BIN)/python bench/bench_world.py --n 500 | tee $(BENCH_OUT)/world.txt
+	$(BIN)/python bench/report.py --bench $(BENCH_OUT) --out docs/performance.md

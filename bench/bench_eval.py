@@ -18,6 +18,7 @@ ap.add_argument('--images', type=int, default=3)
 ap.add_argument('--preset', default='voc21')
 ap.add_argument('--dense', default='value', choices=['tokens', 'value'])
 ap.add_argument('--threads', type=int, default=torch.get_num_threads())
+ap.add_argument('--device', default='cpu', help="'cuda' on a GPU machine (then the peak GPU memory too)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -33,15 +34,17 @@ class OneImage(torch.utils.data.Dataset):
 
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 torch.manual_seed(0)
-m = clip_baseline(a.model)
+m = clip_baseline(a.model, device=a.device)
 rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 p = get_protocol(a.preset)
 t = time.perf_counter(); m.class_embeddings(VOC21[1:], get_templates(p.templates)); t_text = time.perf_counter() - t
 r = evaluate(m, OneImage(a.images), class_names=VOC21, method='dense', bg_index=0, bg_threshold=p.bg_threshold,
              batch_size=1, templates=get_templates(p.templates), window=p.window, stride=p.stride, short_side=p.short_side,
-             bg_score=p.bg_score, prob_scale=p.prob_scale, dense=a.dense, progress=False)
+             bg_score=p.bg_score, prob_scale=p.prob_scale, dense=a.dense, progress=False, device=a.device)
 print(json.dumps({'model': a.model, 'preset': a.preset, 'image': '500x375', 'threads': a.threads, 'dense': a.dense,
                   'params_m': round(sum(x.numel() for x in m.clip.parameters()) / 1e6, 1),
                   'text_embedding_s': round(t_text, 2), 's_per_image': round(r['seconds'] / r['n_images'], 3),
                   'images_per_s': round(r['images_per_second'], 3), 'rss_after_model_mb': round(rss_model),
-                  'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                  'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                  **({'device': torch.cuda.get_device_name(), 'peak_gpu_mb': round(torch.cuda.max_memory_allocated() / 2 ** 20)}
+                     if a.device.startswith('cuda') else {})}))

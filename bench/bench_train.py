@@ -24,24 +24,32 @@ ap.add_argument('--steps', type=int, default=5)
 ap.add_argument('--settings', nargs='+', choices=list(SETTINGS), default=None,
                 help='default: all four for vilseg-tiny, cross-modal only for other models')
 ap.add_argument('--threads', type=int, default=torch.get_num_threads())
+ap.add_argument('--device', default='cpu', help="'cuda': bf16 autocast, MFU against a bf16 matmul, peak GPU memory")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 B, S = a.batch_size, a.image_size
 from torch.utils.flop_counter import FlopCounterMode
-n = 2048                                                    # the practical peak: a large fp32 matmul, same process and threads
-x, y = torch.randn(n, n), torch.randn(n, n)
+import contextlib
+dev = torch.device(a.device); cuda = dev.type == 'cuda'
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+n = 8192 if cuda else 2048                                  # the practical peak: a large matmul (fp32 on the CPU, bf16 on CUDA)
+x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
 for _ in range(2): x @ y
-t = time.perf_counter()
+sync(); t = time.perf_counter()
 for _ in range(10): x @ y
-peak = 2 * n ** 3 * 10 / (time.perf_counter() - t); del x, y
+sync(); peak = 2 * n ** 3 * 10 / (time.perf_counter() - t); del x, y
 for key in a.settings or (list(SETTINGS) if a.model.startswith('vilseg-') else ['cross']):
     name, kw = SETTINGS[key]
     torch.manual_seed(0)
-    m = ViLSeg(ViLSegConfig(model=a.model, cluster_warmup=0, **kw)); opt = make_optimizer(m, 3e-4, 0.05)
+    m = ViLSeg(ViLSegConfig(model=a.model, cluster_warmup=0, **kw)).to(dev); opt = make_optimizer(m, 3e-4, 0.05)
     b = {'global': torch.randn(B, 3, S, S), 'tokens': m.tokenizer(['a red star and a blue ring next to a tree'] * B)}
     if m.cfg.lambda_vision: b['local'] = torch.randn(B, 2, 3, S // 2, S // 2)
     if m.cfg.lambda_cluster: b.update(pair=torch.randn(B, 3, S, S), pair_box=torch.tensor([[.1, .1, .8, .9]] * B), pair_flip=torch.zeros(B, dtype=torch.bool))
-    def step(): o = m(b, step=10); opt.zero_grad(); o['loss'].backward(); opt.step()
+    b = {k: v.to(dev) for k, v in b.items()}
+    def step():
+        with amp(): o = m(b, step=10)
+        opt.zero_grad(); o['loss'].backward(); opt.step(); sync()
     with FlopCounterMode(display=False) as fc: step()                # forward + backward FLOPs (and a warm-up step)
     ts = []
     for _ in range(a.steps):
@@ -49,4 +57,5 @@ for key in a.settings or (list(SETTINGS) if a.model.startswith('vilseg-') else [
     s = sorted(ts)[len(ts) // 2]
     print(json.dumps({'model': a.model, 'image_size': S, 'setting': name, 'batch': B, 'threads': a.threads, 's_per_step': round(s, 3),
                       'images_per_s': round(B / s, 1), 'gflop_per_step': round(fc.get_total_flops() / 1e9, 1),
-                      'mfu': round(fc.get_total_flops() / s / peak, 3), 'matmul_peak_gflop_s': round(peak / 1e9, 1), 'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}), flush=True)
+                      'mfu': round(fc.get_total_flops() / s / peak, 3), 'matmul_peak_gflop_s': round(peak / 1e9, 1), 'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      **({'peak_gpu_mb': round(torch.cuda.max_memory_allocated() / 2 ** 20)} if cuda else {})}), flush=True)

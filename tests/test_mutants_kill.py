@@ -880,3 +880,75 @@ def test_readout_refine_tau_and_pamr_map_size(monkeypatch):
         xi = torch.randint(0, 256, (1, 3, H, W), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         out = m.scores(xi, ['star', 'ring'], method='dense', pamr_iters=1, pamr_scale=0.04)
         assert sizes[-1] == (want_hw, want_hw) and out.shape == (1, 2, H, W)
+
+
+# ------------------------------------------------------------------------------------------------ clustering
+def test_clustering_head_against_its_formula():
+    "logits = (W2 LN(GELU(W1 z/|z| + b1)) + b2) / T with randomised weights and norms; defaults k=16, hidden=256, T=1."
+    from vilseg.clustering import ClusterHead
+    torch.manual_seed(0)
+    h = ClusterHead(6, k=5, hidden=7, temperature=0.5)
+    for p in h.parameters(): torch.nn.init.normal_(p, std=0.7)                 # layer norm's weight and bias too
+    z = torch.randn(2, 3, 4, 6) * torch.rand(2, 3, 4, 1) * 5                    # patches of different norms, D last
+    u = z / z.norm(dim=-1, keepdim=True)
+    l1, ln, l2 = h.net[0], h.net[2], h.net[3]
+    a = F.gelu(u @ l1.weight.T + l1.bias)
+    a = (a - a.mean(-1, keepdim=True)) / (a.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt() * ln.weight + ln.bias
+    want = (a @ l2.weight.T + l2.bias) / 0.5
+    torch.testing.assert_close(h(z), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.assign(z), want.softmax(-1), atol=1e-6, rtol=1e-5)
+    d = ClusterHead(3)
+    assert (d.k, d.temperature, d.net[0].out_features, d.net[-1].out_features) == (16, 1.0, 256, 16)
+    assert [type(x).__name__ for x in d.net] == ['Linear', 'GELU', 'LayerNorm', 'Linear']
+
+
+def test_clustering_embeddings_and_refit_against_hand_em():
+    "Cluster means of unnormalised patches (normalised per patch, then per cluster) and the EM refit with its defaults."
+    from vilseg.clustering import cluster_embeddings, refine_assignments
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 5, generator=g) * torch.rand(2, 3, 4, 1, generator=g) * 4   # B h w D, h != B
+    q = torch.rand(2, 3, 4, 6, generator=g).softmax(-1)
+    e, mass = cluster_embeddings(z, q)
+    u = _unit(z).reshape(2, 12, 5); qf = q.reshape(2, 12, 6)
+    want = _unit(torch.stack([torch.stack([(qf[b, :, k, None] * u[b]).sum(0) for k in range(6)]) for b in range(2)]))
+    torch.testing.assert_close(e, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mass, qf.sum(1))
+    logits = torch.randn(2, 3, 4, 6, generator=g) * 3
+    torch.testing.assert_close(refine_assignments(z, logits), _hand_em(_unit(z), logits, 5, 0.02), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(refine_assignments(z, logits, 2, 0.3, eps=1e-3), _hand_em(_unit(z), logits, 2, 0.3, eps=1e-3), atol=1e-5, rtol=1e-4)
+    assert torch.equal(refine_assignments(z, logits, 0), logits)
+    for bad, msg in ((dict(iters=-1), 'iters=-1, tau=0.02'), (dict(tau=0.0), 'iters=5, tau=0.0'), (dict(tau=-1.0), 'iters=5, tau=-1.0')):
+        with pytest.raises(ValueError, match=f'refine needs iters >= 0 and tau > 0, got {msg}'): refine_assignments(z, logits, **bad)
+
+
+def test_clustering_pamr_defaults_errors_groups_and_path(monkeypatch):
+    "PAMR's default 10 steps, its one-line errors, two groups of images joined in order, and which computation runs."
+    import vilseg.clustering as cl
+    from vilseg.clustering import pamr, pamr_dilations
+    from test_ddp_exact import _pamr_reference
+    g = torch.Generator().manual_seed(5)
+    img, S = torch.rand(2, 3, 12, 10, generator=g), torch.randn(2, 4, 12, 10, generator=g)
+    torch.testing.assert_close(pamr(img, S), _pamr_reference(img, S, 10, (1, 2, 4, 8, 12, 24)), atol=2e-6, rtol=1e-5)
+    two = pamr(img, S, 3, (1, 2), chunk=4 * 12 * 10)                           # one image per group: two groups
+    torch.testing.assert_close(two, _pamr_reference(img, S, 3, (1, 2)), atol=2e-6, rtol=1e-5)
+    assert pamr(img, S, 0) is S
+    with pytest.raises(ValueError, match=r'^pamr needs iters >= 0 and tau > 0, got iters=-1, tau=0.1$'): pamr(img, S, -1)
+    with pytest.raises(ValueError, match=r'^pamr needs iters >= 0 and tau > 0, got iters=1, tau=0.0$'): pamr(img, S, 1, tau=0.0)
+    with pytest.raises(ValueError, match=r'^pamr: images \(2, 3, 12, 10\) and scores \(3, 4, 12, 10\) differ in batch or size$'):
+        pamr(img, torch.randn(3, 4, 12, 10))                                    # batch differs, size equal
+    with pytest.raises(ValueError, match=r'^pamr: images \(2, 3, 12, 10\) and scores \(2, 4, 12, 9\) differ in batch or size$'):
+        pamr(img, S[..., :9])
+    for bad in ((0, 1), (1.5,), (), (-2,)):
+        with pytest.raises(ValueError, match=r'^pamr dilations must be positive integers, got '): pamr_dilations(bad)
+    with pytest.raises(ValueError, match=r'got \(0, 1\)$'): pamr_dilations((0, 1))
+    assert pamr_dilations([2.0, 3]) == (2, 3) and type(pamr_dilations([2.0])[0]) is int
+    # float32/float64 on the CPU take the sparse product, other dtypes the sum of shifted maps
+    built = []
+    real = cl._pamr_operator
+    monkeypatch.setattr(cl, '_pamr_operator', lambda *a: built.append(1) or real(*a))
+    pamr(img, S, 1, (1,)); pamr(img, S.double(), 1, (1,))
+    assert len(built) == 2
+    out = pamr(img, S.bfloat16(), 1, (1,))
+    assert len(built) == 2 and out.dtype == torch.bfloat16
+    monkeypatch.setattr(cl, 'PAMR_SPARSE', False); pamr(img, S, 1, (1,))
+    assert len(built) == 2

@@ -952,3 +952,144 @@ def test_clustering_pamr_defaults_errors_groups_and_path(monkeypatch):
     assert len(built) == 2 and out.dtype == torch.bfloat16
     monkeypatch.setattr(cl, 'PAMR_SPARSE', False); pamr(img, S, 1, (1,))
     assert len(built) == 2
+
+
+# ------------------------------------------------------------------------------------------------ proposals
+def test_proposals_segments_and_pair_costs_by_hand():
+    from vilseg.proposals import label_segments, pair_mask_costs
+    lab = torch.tensor([[2, 2, 255], [0, 2, 1]])
+    cls, m = label_segments(lab, 3)
+    assert cls.tolist() == [0, 1, 2] and m.dtype == torch.float32
+    assert m[2].tolist() == [[1, 1, 0], [0, 1, 0]] and m[0].tolist() == [[0, 0, 0], [1, 0, 0]]
+    assert label_segments(torch.full((2, 2), 7), 3, ignore_index=7)[0].numel() == 0
+    with pytest.raises(ValueError, match=r'^label values \[0, 3\] outside \[0, 3\) and not 255$'): label_segments(torch.tensor([[0, 3]]), 3)
+    with pytest.raises(ValueError, match=r'label values \[-1, 0\]'): label_segments(torch.tensor([[-1, 0]]), 3)
+    g = torch.Generator().manual_seed(0)
+    ml, tg = torch.randn(4, 6, generator=g) * 2, (torch.rand(3, 6, generator=g) > 0.5).float()
+    bce, dice = pair_mask_costs(ml, tg)
+    for n in range(4):
+        for k in range(3):
+            assert bce[n, k] == pytest.approx(float(F.binary_cross_entropy_with_logits(ml[n], tg[k])), abs=1e-5)
+            s = ml[n].sigmoid()
+            assert dice[n, k] == pytest.approx(float(1 - (2 * (s * tg[k]).sum() + 1) / (s.sum() + tg[k].sum() + 1)), abs=1e-5)
+
+
+def test_proposals_hungarian_match_is_the_brute_force_minimum():
+    from vilseg.proposals import hungarian_match, pair_mask_costs
+    g = torch.Generator().manual_seed(1)
+    prob = torch.rand(4, 5, generator=g).softmax(-1); ml = torch.randn(4, 8, generator=g) * 2
+    classes, tg = torch.tensor([3, 0]), (torch.rand(2, 8, generator=g) > 0.4).float()
+    for w in ((2.0, 5.0, 5.0), (7.0, 0.5, 1.0)):
+        qi, gi = hungarian_match(prob, ml, classes, tg, *w) if w != (2.0, 5.0, 5.0) else hungarian_match(prob, ml, classes, tg)
+        bce, dice = pair_mask_costs(ml, tg)
+        cost = -w[0] * prob[:, classes] + w[1] * bce + w[2] * dice
+        best = min(itertools.permutations(range(4), 2), key=lambda qs: float(cost[qs[0], 0] + cost[qs[1], 1]))
+        assert sorted(zip(gi.tolist(), qi.tolist())) == [(0, best[0]), (1, best[1])], w
+    e = hungarian_match(prob, ml, torch.zeros(0, dtype=torch.long), torch.zeros(0, 8))
+    assert e[0].dtype == torch.long and e[0].numel() == 0 and e[1].numel() == 0
+
+
+def test_proposals_class_loss_and_relations_by_hand():
+    from vilseg.proposals import class_loss, text_relations
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 4, generator=g, requires_grad=True)
+    target, matched = torch.tensor([1, 0, 2, 3, 1]), torch.tensor([True, False, True, False, False])
+    ce = lambda i, c: float(-logits[i].log_softmax(-1)[c])
+    loss, n = class_loss(logits, target, matched, background=True, eos_coef=0.25)
+    want = ce(0, 1) + ce(2, 2) + 0.25 * (ce(1, 3) + ce(3, 3) + ce(4, 3))          # unmatched -> the last column
+    assert float(loss) == pytest.approx(want, rel=1e-5) and n == pytest.approx(2 + 3 * 0.25)
+    assert class_loss(logits, target, matched, background=True)[1] == pytest.approx(2 + 3 * 0.1)
+    loss, n = class_loss(logits, target, matched, background=False)
+    assert float(loss) == pytest.approx(ce(0, 1) + ce(2, 2), rel=1e-5) and n == 2.0
+    z, n0 = class_loss(logits, target, torch.zeros(5, dtype=torch.bool), background=False)
+    assert float(z) == 0.0 and n0 == 0.0 and z.requires_grad
+    t = torch.randn(3, 5, generator=g) * torch.tensor([[1.0], [4.0], [0.2]])
+    R = text_relations(t)
+    for i in range(3):
+        for j in range(3): assert R[i, j] == pytest.approx(float(F.cosine_similarity(t[i], t[j], dim=0)), abs=1e-6)
+
+
+def _target_order(rel_row, y):
+    "The classes in target order: the true class, then the others by text similarity to it (descending)."
+    others = sorted((c for c in range(len(rel_row)) if c != y), key=lambda c: -float(rel_row[c]))
+    return [y] + others
+
+
+def test_proposals_rank_losses_by_brute_force():
+    from vilseg.proposals import pairwise_rank_loss, listmle_rank_loss
+    g = torch.Generator().manual_seed(3)
+    C = 5
+    t = F.normalize(torch.randn(C, 4, generator=g), dim=-1); R = t @ t.T
+    sim, y = torch.randn(3, C, generator=g) * 0.3, torch.tensor([2, 0, 4])
+    for rm, om in ((0.1, 0.0), (0.3, 0.05)):
+        got = pairwise_rank_loss(sim, y, R, rm, om) if (rm, om) != (0.1, 0.0) else pairwise_rank_loss(sim, y, R)
+        for q in range(3):
+            order = _target_order(R[y[q]], int(y[q])); tot, cnt = 0.0, 0
+            for a in range(C):
+                for b in range(a + 1, C):
+                    i, j = order[a], order[b]; m = rm if i == int(y[q]) else om
+                    tot += max(0.0, m - float(sim[q, i] - sim[q, j])); cnt += 1
+            assert float(got[q]) == pytest.approx(tot / cnt, rel=1e-5, abs=1e-7)
+    for temp, k in ((0.05, 0), (0.2, 2)):
+        got = listmle_rank_loss(sim, y, R, temp, k) if (temp, k) != (0.05, 0) else listmle_rank_loss(sim, y, R)
+        for q in range(3):
+            z = [float(sim[q, c]) / temp for c in _target_order(R[y[q]], int(y[q]))]
+            want = sum(math.log(sum(math.exp(v) for v in z[p:])) - z[p] for p in range(k or C))
+            assert float(got[q]) == pytest.approx(want, rel=1e-5)
+    assert float(listmle_rank_loss(sim, y, R, 0.2, 99)[0]) == pytest.approx(float(listmle_rank_loss(sim, y, R, 0.2, 0)[0]))
+
+
+def test_proposals_criterion_against_a_hand_computation():
+    "One image, 3 queries, 2 classes: the matching, the class, mask, dice and rank terms and their normalisers."
+    from vilseg.proposals import ProposalCriterion, LossConfig, text_relations, pairwise_rank_loss
+    g = torch.Generator().manual_seed(4)
+    N, C = 3, 3
+    masks, sim = torch.randn(1, N, 2, 3, generator=g) * 2, torch.randn(1, N, C, generator=g) * 0.3
+    labels = torch.tensor([[[0, 0, 2], [2, 255, 2]]])
+    R = text_relations(torch.randn(C, 4, generator=g))
+    segs = {0: (labels[0] == 0).float().flatten(), 2: (labels[0] == 2).float().flatten()}   # the ignored pixel in neither
+    ml = masks[0].flatten(1)
+    for background in (True, False):
+        logits = torch.randn(1, N, C + background, generator=g)
+        cfg = LossConfig(w_class=1.5, w_mask=4.0, w_dice=3.0, eos_coef=0.2, rank='pairwise', w_rank=2.0, rank_margin=0.2)
+        res = ProposalCriterion(cfg, background=background)({'logits': logits, 'masks': masks, 'sim': sim}, labels, R)
+        prob = logits[0].softmax(-1)
+        def cost(q, c):
+            s = ml[q].sigmoid(); tg = segs[c]
+            bce = float(F.binary_cross_entropy_with_logits(ml[q], tg))
+            dice = float(1 - (2 * (s * tg).sum() + 1) / (s.sum() + tg.sum() + 1))
+            return -1.5 * float(prob[q, c]) + 4.0 * bce + 3.0 * dice, bce, dice
+        qa, qb = min(itertools.permutations(range(N), 2), key=lambda p: cost(p[0], 0)[0] + cost(p[1], 2)[0])
+        other = ({0, 1, 2} - {qa, qb}).pop()
+        ce = lambda q, c: float(-logits[0, q].log_softmax(-1)[c])
+        lc = (ce(qa, 0) + ce(qb, 2) + 0.2 * ce(other, C)) / 2.2 if background else (ce(qa, 0) + ce(qb, 2)) / 2
+        assert float(res['class']) == pytest.approx(1.5 * lc, rel=1e-5)
+        assert float(res['mask']) == pytest.approx(4.0 * (cost(qa, 0)[1] + cost(qb, 2)[1]) / 2, rel=1e-5)
+        assert float(res['dice']) == pytest.approx(3.0 * (cost(qa, 0)[2] + cost(qb, 2)[2]) / 2, rel=1e-5)
+        qs = sorted([qa, qb]); ys = torch.tensor([0 if q == qa else 2 for q in qs])
+        assert float(res['rank']) == pytest.approx(2.0 * float(pairwise_rank_loss(sim[0, qs], ys, R, 0.2, 0.0).sum()) / 2, rel=1e-5)
+        assert float(res['loss']) == pytest.approx(sum(float(res[k]) for k in ('class', 'mask', 'dice', 'rank')), rel=1e-6)
+        assert res['matched'] == 2.0 and res['loss'].dim() == 0
+        with pytest.raises(ValueError, match='needs the text relations'):
+            ProposalCriterion(cfg, background=background)({'logits': logits, 'masks': masks, 'sim': sim}, labels)
+    no_rank = ProposalCriterion(LossConfig(rank='pairwise', w_rank=0.0))({'logits': logits, 'masks': masks, 'sim': sim}, labels)
+    assert set(no_rank) == {'class', 'mask', 'dice', 'loss', 'matched'}
+
+
+def test_proposals_semantic_scores_and_configs():
+    from vilseg.proposals import semantic_scores, LossConfig, ProposalConfig
+    g = torch.Generator().manual_seed(6)
+    logits, masks = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 4, 6, generator=g)
+    for bg in (True, False):
+        p = logits.softmax(-1)[..., :4] if bg else logits.softmax(-1)
+        want = torch.stack([sum(p[:, n, c, None, None] * masks[:, n].sigmoid() for n in range(3)) for c in range(p.shape[-1])], 1)
+        torch.testing.assert_close(semantic_scores({'logits': logits, 'masks': masks}, bg), want)
+    up = F.interpolate(masks, size=(8, 12), mode='bilinear', align_corners=False).sigmoid()
+    torch.testing.assert_close(semantic_scores({'logits': logits, 'masks': masks}, True, (8, 12)),
+                               torch.einsum('bnc,bnhw->bchw', logits.softmax(-1)[..., :4], up))
+    for bad, msg in ((dict(rank='listnet'), r"LossConfig.rank = 'listnet': must be one of"), (dict(w_mask=-1.0), r'LossConfig.w_mask = -1.0: must be >= 0'),
+                     (dict(rank_temperature=0.0), r'LossConfig.rank_temperature = 0.0: must be > 0'), (dict(rank_topk=-1), 'rank_topk')):
+        with pytest.raises(ValueError, match=msg): LossConfig(**bad)
+    d = LossConfig()
+    assert (d.w_class, d.w_mask, d.w_dice, d.eos_coef, d.rank, d.w_rank, d.rank_margin, d.order_margin, d.rank_temperature, d.rank_topk) == \
+        (2.0, 5.0, 5.0, 0.1, 'none', 1.0, 0.1, 0.0, 0.05, 0)

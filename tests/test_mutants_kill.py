@@ -1096,3 +1096,58 @@ def test_proposals_semantic_scores_and_configs():
     d = LossConfig()
     assert (d.w_class, d.w_mask, d.w_dice, d.eos_coef, d.rank, d.w_rank, d.rank_margin, d.order_margin, d.rank_temperature, d.rank_topk) == \
         (2.0, 5.0, 5.0, 0.1, 'none', 1.0, 0.1, 0.0, 0.05, 0)
+
+
+def test_proposals_defaults_single_segment_and_global_sum(tmp_path):
+    "Mask2Former's matching weights (2, 5, 5) as defaults, one segment matched, and the count summed in a gloo group of one."
+    import datetime, inspect
+    import torch.distributed as dist
+    from vilseg.proposals import hungarian_match, pairwise_rank_loss, _global_sum, ProposalCriterion
+    sig = inspect.signature(hungarian_match).parameters
+    assert (sig['w_class'].default, sig['w_mask'].default, sig['w_dice'].default) == (2.0, 5.0, 5.0)
+    assert ProposalCriterion().background is False
+    g = torch.Generator().manual_seed(8)
+    prob, ml = torch.rand(3, 4, generator=g).softmax(-1), torch.randn(3, 5, generator=g)
+    qi, gi = hungarian_match(prob, ml, torch.tensor([2]), torch.ones(1, 5))
+    assert gi.tolist() == [0] and len(qi) == 1 and qi.dtype == gi.dtype == torch.long
+    e = hungarian_match(prob, ml, torch.zeros(0, dtype=torch.long), torch.zeros(0, 5))
+    assert e[0].dtype == e[1].dtype == torch.long
+    # two classes: one ordered pair, whose hinge is not divided by 2
+    sim, R = torch.tensor([[0.1, 0.3]]), torch.eye(2)
+    assert float(pairwise_rank_loss(sim, torch.tensor([0]), R, 0.1)) == pytest.approx(0.3)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "gs"}', rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try: assert _global_sum(3, 'cpu') == 3.0 and _global_sum(torch.tensor(2.5), 'cpu') == 2.5
+    finally: dist.destroy_process_group()
+    assert _global_sum(4, 'cpu') == 4.0
+
+
+def test_proposals_criterion_weights_listmle_and_query_count():
+    "4 queries, 3 classes: the class weight changes the matching; the ListMLE path; w_rank below 1 still counts."
+    from vilseg.proposals import ProposalCriterion, LossConfig, text_relations, listmle_rank_loss
+    labels = torch.tensor([[[0, 0, 2], [2, 1, 2]]])
+    segs = {c: (labels[0] == c).float().flatten() for c in (0, 1, 2)}
+    for seed in range(200):                                                    # a case where the weights decide the matching
+        g = torch.Generator().manual_seed(seed)
+        logits, masks = torch.randn(1, 4, 3, generator=g) * 3, torch.randn(1, 4, 2, 3, generator=g) * 3
+        prob, ml = logits[0].softmax(-1), masks[0].flatten(1)
+        def total(p, w):
+            t = 0.0
+            for q, c in zip(p, (0, 1, 2)):
+                s = ml[q].sigmoid(); tg = segs[c]
+                t += -w[0] * float(prob[q, c]) + w[1] * float(F.binary_cross_entropy_with_logits(ml[q], tg)) \
+                     + w[2] * float(1 - (2 * (s * tg).sum() + 1) / (s.sum() + tg.sum() + 1))
+            return t
+        perms = list(itertools.permutations(range(4), 3))
+        heavy, default = min(perms, key=lambda p: total(p, (20.0, 0.5, 0.5))), min(perms, key=lambda p: total(p, (2.0, 5.0, 5.0)))
+        if heavy != default: break
+    else: pytest.fail('no case where the weights decide the matching')
+    sim = torch.randn(1, 4, 3, generator=g) * 0.3
+    R = text_relations(torch.randn(3, 5, generator=g))
+    out = {'logits': logits, 'masks': masks, 'sim': sim}
+    res = ProposalCriterion(LossConfig(w_class=20.0, w_mask=0.5, w_dice=0.5, rank='listmle', w_rank=0.5, rank_temperature=0.2,
+                                       rank_topk=2))(out, labels, R)
+    ce = lambda q, c: float(-logits[0, q].log_softmax(-1)[c])
+    assert float(res['class']) == pytest.approx(20.0 * sum(ce(q, c) for q, c in zip(heavy, (0, 1, 2))) / 3, rel=1e-5)
+    qs = sorted(heavy); ys = torch.tensor([heavy.index(q) for q in qs])       # the class each matched query got
+    want = 0.5 * float(listmle_rank_loss(sim[0, qs], ys, R, 0.2, 2).sum()) / 3
+    assert float(res['rank']) == pytest.approx(want, rel=1e-5)

@@ -1151,3 +1151,71 @@ def test_proposals_criterion_weights_listmle_and_query_count():
     qs = sorted(heavy); ys = torch.tensor([heavy.index(q) for q in qs])       # the class each matched query got
     want = 0.5 * float(listmle_rank_loss(sim[0, qs], ys, R, 0.2, 2).sum()) / 3
     assert float(res['rank']) == pytest.approx(want, rel=1e-5)
+
+
+def test_proposals_sincos_and_config_errors():
+    from vilseg.proposals import sincos_2d, ProposalConfig
+    h, w, dim = 3, 4, 8
+    pe = sincos_2d(h, w, dim)
+    d = dim // 4
+    for i in range(h):
+        for j in range(w):
+            om = [1.0 / 10000 ** (k / d) for k in range(d)]
+            want = [math.sin(i * o) for o in om] + [math.cos(i * o) for o in om] + [math.sin(j * o) for o in om] + [math.cos(j * o) for o in om]
+            assert pe[i * w + j].tolist() == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError, match=r'^sincos_2d needs dim divisible by 4, got 6$'): sincos_2d(2, 2, 6)
+    for bad, msg in ((dict(n_queries=0), r'ProposalConfig.n_queries = 0: must be >= 1'), (dict(heads=0), r'ProposalConfig.heads = 0: must be >= 1'),
+                     (dict(dim=10, heads=4), r'ProposalConfig.heads = 4: must divide dim \(10\)'),
+                     (dict(upsample=3), r'ProposalConfig.upsample = 3: must be 1, 2 or 4'), (dict(logit_scale=0.0), r'ProposalConfig.logit_scale = 0.0: must be > 0'),
+                     (dict(layers=0), 'layers'), (dict(pixel_dim=0), 'pixel_dim'), (dict(dim=0), 'dim')):
+        with pytest.raises(ValueError, match=msg): ProposalConfig(**bad)
+    c = ProposalConfig()
+    assert (c.n_queries, c.dim, c.layers, c.heads, c.pixel_dim, c.upsample, c.image_skip, c.background, c.logit_scale) == \
+        (16, 128, 2, 4, 32, 4, True, False, 100.0)
+    for ok in (dict(upsample=1), dict(upsample=2), dict(dim=8, heads=8, n_queries=1, layers=1, pixel_dim=1)): ProposalConfig(**ok)
+
+
+@pytest.mark.parametrize('background', [False, True])
+def test_proposals_decoder_wiring_by_hand(background):
+    """The decoder's forward written out from its parts: input projection, fixed positions added to the memory only, the
+    query decoder, the pixel path (lateral, x2 upsampling with the image's strided encodings added coarsest-first, output
+    convolution), masks = mask embeddings . pixel embeddings, cosine logits scaled, the background column last."""
+    from vilseg.proposals import MaskProposalDecoder, ProposalConfig, sincos_2d
+    torch.manual_seed(0)
+    cfg = ProposalConfig(n_queries=3, dim=8, layers=1, heads=2, pixel_dim=4, upsample=4, background=background, logit_scale=7.0)
+    dec = MaskProposalDecoder(in_dim=6, embed_dim=5, patch=8, cfg=cfg).eval()
+    for p in dec.parameters(): torch.nn.init.normal_(p, std=0.5)
+    # structure: two x2 stages, an image stem at strides 2 and 4 (log2(8) - 1 blocks), pre-norm decoder layers
+    assert len(dec.ups) == 2 and len(dec.stem) == 2 and len(dec.skips) == 2
+    assert [b[0].stride for b in dec.stem] == [(2, 2), (2, 2)] and dec.stem[0][0].in_channels == 3
+    lay = dec.decoder.layers[0]
+    assert lay.norm_first and lay.linear1.out_features == 16 and lay.self_attn.num_heads == 2 and lay.dropout.p == 0.0
+    assert (dec.bg is not None) == background and dec.query.weight.shape == (3, 8)
+    feats, images = torch.randn(2, 2, 3, 6), torch.randn(2, 3, 13, 21)             # images smaller than the 16 x 24 grid
+    text = F.normalize(torch.randn(4, 5), dim=-1)
+    with torch.no_grad():
+        out = dec(feats, images, text)
+        x = dec.inp[1](dec.inp[0](feats.reshape(2, 6, 6)))
+        q = dec.decoder(dec.query.weight.expand(2, -1, -1), x + sincos_2d(2, 3, 8))
+        p = dec.lateral(x.transpose(1, 2).reshape(2, 8, 2, 3))
+        y = F.pad(images, (0, 24 - 21, 0, 16 - 13)); s1 = dec.stem[0](y); s2 = dec.stem[1](s1)    # strides 2, 4
+        p = dec.ups[0](F.interpolate(p, scale_factor=2, mode='bilinear', align_corners=False) + dec.skips[0](s2))
+        p = dec.ups[1](F.interpolate(p, scale_factor=2, mode='bilinear', align_corners=False) + dec.skips[1](s1))
+        p = dec.pixel_out(p)
+        me = dec.mask_embed[2](F.gelu(dec.mask_embed[0](q)))
+        masks = torch.stack([torch.stack([(me[b, n][:, None, None] * p[b]).sum(0) for n in range(3)]) for b in range(2)])
+        e = dec.class_embed(q); e = e / e.norm(dim=-1, keepdim=True)
+        sim = e @ text.T
+        logits = 7.0 * sim if not background else torch.cat([7.0 * sim, 7.0 * (e @ dec.bg)[..., None]], -1)
+    assert out['masks'].shape == (2, 3, 8, 12)
+    torch.testing.assert_close(out['masks'], masks, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out['sim'], sim, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out['logits'], logits, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match='image_skip=True needs the images'): dec(feats, None, text)
+    with pytest.raises(ValueError, match=r'^upsample=4 must divide the patch size 6$'): MaskProposalDecoder(6, 5, 6, cfg)
+    # no upsampling: no image stem, masks on the patch grid
+    d1 = MaskProposalDecoder(6, 5, 8, ProposalConfig(n_queries=2, dim=8, layers=1, heads=2, pixel_dim=4, upsample=1))
+    assert d1.stem is None and d1.skips is None and len(d1.ups) == 0
+    assert d1(feats, None, text)['masks'].shape == (2, 2, 2, 3)
+    bg_scale = MaskProposalDecoder(6, 5, 8, ProposalConfig(background=True)).bg
+    assert bg_scale.shape == (5,) and 0.05 < float(bg_scale.std()) < 1.5

@@ -74,7 +74,7 @@ def main():
     for name, title, what, cmd in SECTIONS:
         f = Path(a.bench) / f'{name}.txt'
         if not f.is_file(): continue
-        out += [f'## {title}', '', f'{what}. `{cmd}`', '', *table(f.read_text().splitlines()), '']
+        out += [f'## {title}', '', f'{what[0].upper() + what[1:]}. `{cmd}`', '', *table(f.read_text().splitlines()), '']
     out += GPU
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix('.md.tmp'); tmp.write_text('\n'.join(out)); os.replace(tmp, a.out)

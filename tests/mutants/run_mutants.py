@@ -57,8 +57,9 @@ MODULES = {
                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_vilseg.py and segment_odd) '
                                  'or (test_mutants_kill.py and readout) or (test_text_cache.py and cached_on_disk)']),
     'protocols': dict(path='vilseg/protocols.py',
-                      tests=['tests/test_protocols.py', 'tests/test_wiring.py',
-                             '-k', '(test_protocols.py and (preset or errors) and not cli) or (test_wiring.py and run_protocol)']),
+                      tests=['tests/test_protocols.py', 'tests/test_wiring.py', 'tests/test_references.py',
+                             '-k', '(test_protocols.py and (preset or errors) and not cli) or (test_wiring.py and run_protocol) '
+                                   'or (test_references.py and (sclip_background_rule or protocol_variants_match))']),
     # the zero-shot tests of tests/test_zeroshot.py train decoders end to end (seconds per mutant, and their DDP test spawns
     # processes mutmut cannot see into); the selection is the hand-computed expectations of tests/test_mutants_kill.py
     'proposals': dict(path='vilseg/proposals.py',

@@ -1138,19 +1138,36 @@ def test_proposals_criterion_weights_listmle_and_query_count():
                      + w[2] * float(1 - (2 * (s * tg).sum() + 1) / (s.sum() + tg.sum() + 1))
             return t
         perms = list(itertools.permutations(range(4), 3))
-        heavy, default = min(perms, key=lambda p: total(p, (20.0, 0.5, 0.5))), min(perms, key=lambda p: total(p, (2.0, 5.0, 5.0)))
-        if heavy != default: break
+        best = lambda w: min(perms, key=lambda p: total(p, w))
+        heavy = best((20.0, 0.5, 0.8))
+        # the weights, each in its place, and the class probabilities over classes (not queries) decide the matching here
+        others = [best(w) for w in ((2.0, 5.0, 5.0), (20.0, 0.8, 5.0), (20.0, 0.5, 5.0))]
+        prob = logits[0].softmax(0); others.append(best((20.0, 0.5, 0.8))); prob = logits[0].softmax(-1)
+        if all(o != heavy for o in others): break
     else: pytest.fail('no case where the weights decide the matching')
     sim = torch.randn(1, 4, 3, generator=g) * 0.3
     R = text_relations(torch.randn(3, 5, generator=g))
     out = {'logits': logits, 'masks': masks, 'sim': sim}
-    res = ProposalCriterion(LossConfig(w_class=20.0, w_mask=0.5, w_dice=0.5, rank='listmle', w_rank=0.5, rank_temperature=0.2,
+    res = ProposalCriterion(LossConfig(w_class=20.0, w_mask=0.5, w_dice=0.8, rank='listmle', w_rank=0.5, rank_temperature=0.2,
                                        rank_topk=2))(out, labels, R)
     ce = lambda q, c: float(-logits[0, q].log_softmax(-1)[c])
     assert float(res['class']) == pytest.approx(20.0 * sum(ce(q, c) for q, c in zip(heavy, (0, 1, 2))) / 3, rel=1e-5)
     qs = sorted(heavy); ys = torch.tensor([heavy.index(q) for q in qs])       # the class each matched query got
     want = 0.5 * float(listmle_rank_loss(sim[0, qs], ys, R, 0.2, 2).sum()) / 3
     assert float(res['rank']) == pytest.approx(want, rel=1e-5)
+    # one segment: the mask terms are divided by 1; no segment at all: the no-object terms divided by their weights' sum
+    one = torch.full_like(labels, 255); one[0, 0, :2] = 1
+    lg = torch.cat([logits, logits[..., :1]], -1)                              # 3 classes + the no-object column
+    r1 = ProposalCriterion(LossConfig(w_mask=1.0, w_dice=1.0), background=True)({**out, 'logits': lg}, one)
+    tg, p1 = (one[0] == 1).float().flatten(), lg[0].softmax(-1)
+    bces = [float(F.binary_cross_entropy_with_logits(masks[0, q].flatten(), tg)) for q in range(4)]
+    dices = [float(1 - (2 * (masks[0, q].flatten().sigmoid() * tg).sum() + 1) / (masks[0, q].sigmoid().sum() + tg.sum() + 1)) for q in range(4)]
+    qm = min(range(4), key=lambda q: -2.0 * float(p1[q, 1]) + bces[q] + dices[q])
+    assert r1['matched'] == 1.0 and float(r1['mask']) == pytest.approx(bces[qm], rel=1e-5) and float(r1['dice']) == pytest.approx(dices[qm], rel=1e-5)
+    r0 = ProposalCriterion(LossConfig(w_class=2.0, eos_coef=0.1), background=True)({**out, 'logits': lg}, torch.full_like(labels, 255))
+    ce_bg = [float(-lg[0, q].log_softmax(-1)[-1]) for q in range(4)]
+    assert float(r0['class']) == pytest.approx(2.0 * sum(0.1 * c for c in ce_bg) / 0.4, rel=1e-5)     # normaliser 0.4, not 1
+    assert float(r0['mask']) == 0.0 and float(r0['dice']) == 0.0 and r0['matched'] == 0.0
 
 
 def test_proposals_sincos_and_config_errors():

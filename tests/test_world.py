@@ -85,3 +85,14 @@ def test_world_training_images_decoded_once_give_the_same_views(world, tmp_path)
     p = ds.items[0][1]; Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(p)
     again = world_datasets(str(w), cfg.view_config(), 'train.tsv')[0].decoded
     assert again.path != ds.decoded.path and torch.equal(again[0], load_image(p)) and not torch.equal(again[0], ds.decoded[0])
+
+
+def test_world_in_a_read_only_folder_reads_the_files(world, monkeypatch):
+    "A data folder where the decoded array cannot be written: a warning naming it, and the images read from their files."
+    import vilseg.captions as C
+    from vilseg.train import TrainConfig, world_datasets
+    def refuse(items, folder, progress=True): raise PermissionError(13, 'Permission denied', str(folder))
+    monkeypatch.setattr(C.DecodedImages, 'build', staticmethod(refuse))
+    with pytest.warns(UserWarning, match=r'decoded: cannot store the decoded images \(PermissionError'):
+        ds = world_datasets(str(world), TrainConfig.from_recipe('demo').view_config(), 'train.tsv')[0]
+    assert ds.decoded is None and ds[0]['image']['global'].shape[-1] > 0

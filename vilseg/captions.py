@@ -216,8 +216,12 @@ class _MapCaptions(Dataset):
     def _caption(self, caps): return caps
 
     def decode_once(self, folder, progress: bool = True) -> bool:
-        "Serve the images from a `DecodedImages` array in `folder` (built when missing); False when the sizes differ."
-        self.decoded = DecodedImages.build(self.items, folder, progress)
+        "Serve the images from a `DecodedImages` array in `folder` (built when missing); False when the sizes differ or `folder` is not writable."
+        try: self.decoded = DecodedImages.build(self.items, folder, progress)
+        except OSError as e:                                      # a read-only data folder: read the image files as before
+            import warnings
+            warnings.warn(f'{folder}: cannot store the decoded images ({type(e).__name__}: {e}); reading the image files')
+            self.decoded = None
         return self.decoded is not None
 
     def _require_items(self, source):

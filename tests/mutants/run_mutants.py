@@ -59,7 +59,7 @@ MODULES = {
     'protocols': dict(path='vilseg/protocols.py',
                       tests=['tests/test_protocols.py', 'tests/test_wiring.py', 'tests/test_references.py',
                              '-k', '(test_protocols.py and (preset or errors) and not cli) or (test_wiring.py and run_protocol) '
-                                   'or (test_references.py and (sclip_background_rule or protocol_variants_match))']),
+                                   'or (test_references.py and sclip_background_rule)']),   # the cards' test reads docstrings, which mutmut's trampolines hide
     # the zero-shot tests of tests/test_zeroshot.py train decoders end to end (seconds per mutant, and their DDP test spawns
     # processes mutmut cannot see into); the selection is the hand-computed expectations of tests/test_mutants_kill.py
     'proposals': dict(path='vilseg/proposals.py',

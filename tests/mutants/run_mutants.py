@@ -36,8 +36,9 @@ MODULES = {
                     tests=['tests/test_metrics.py', 'tests/test_wiring.py', 'tests/test_mutants_kill.py',
                            '-k', 'test_metrics.py or (test_wiring.py and seen_unseen_hand) or (test_mutants_kill.py and metrics)']),
     'evaluate': dict(path='vilseg/evaluate.py',
-                     tests=['tests/test_wiring.py', 'tests/test_mutants_kill.py',
-                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_mutants_kill.py and evaluate)']),
+                     tests=['tests/test_wiring.py', 'tests/test_mutants_kill.py', 'tests/test_speed_paths.py',
+                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_mutants_kill.py and evaluate) '
+                                  'or (test_speed_paths.py and sliding)']),
     'clustering': dict(path='vilseg/clustering.py',
                        tests=['tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py',
                               'tests/test_speed_paths.py',

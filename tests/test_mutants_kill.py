@@ -1234,5 +1234,15 @@ def test_proposals_decoder_wiring_by_hand(background):
     d1 = MaskProposalDecoder(6, 5, 8, ProposalConfig(n_queries=2, dim=8, layers=1, heads=2, pixel_dim=4, upsample=1))
     assert d1.stem is None and d1.skips is None and len(d1.ups) == 0
     assert d1(feats, None, text)['masks'].shape == (2, 2, 2, 3)
-    bg_scale = MaskProposalDecoder(6, 5, 8, ProposalConfig(background=True)).bg
-    assert bg_scale.shape == (5,) and 0.05 < float(bg_scale.std()) < 1.5
+    torch.manual_seed(2)
+    bg_scale = MaskProposalDecoder(6, 256, 8, ProposalConfig(background=True)).bg
+    assert bg_scale.shape == (256,) and 0.05 < float(bg_scale.std()) < 0.08          # N(0, 1/embed_dim)
+    # the blocks: conv 3x3 without bias, GroupNorm, GELU; a final LayerNorm after the query decoder
+    blk = dec.lateral
+    assert [type(m).__name__ for m in blk] == ['Conv2d', 'GroupNorm', 'GELU'] and blk[0].bias is None and blk[0].kernel_size == (3, 3)
+    assert blk[1].num_groups == 4 and isinstance(dec.decoder.norm, torch.nn.LayerNorm)
+    ProposalConfig(logit_scale=0.5)
+    # a 16-px patch: three stem blocks (strides 2, 4, 8) for two x2 stages, the coarsest (stride 8) added first
+    d16 = MaskProposalDecoder(6, 5, 16, ProposalConfig(n_queries=2, dim=8, layers=1, heads=2, pixel_dim=4, upsample=4)).eval()
+    assert len(d16.stem) == 3
+    assert d16(feats, torch.randn(2, 3, 30, 40), text)['masks'].shape == (2, 2, 8, 12)

@@ -19,6 +19,7 @@ from vilseg.captions import collate_captions
 from vilseg.losses import build_noun_vocab
 from vilseg.vilseg import ViLSeg
 from vilseg.views import MultiView
+from common import matmul_peak
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument('--data', default='data/world')
@@ -54,12 +55,8 @@ for name, (m, opt, b, views) in setups.items():
     with FlopCounterMode(display=False) as fc: step(m, opt, b, views)
     flops[name] = fc.get_total_flops()
 
-n = 2048                                                    # the practical peak: a large fp32 matmul, same process and threads
-x, y = torch.randn(n, n), torch.randn(n, n)
-for _ in range(2): x @ y
-t = time.perf_counter(); reps = 10
-for _ in range(reps): x @ y
-peak = 2 * n ** 3 * reps / (time.perf_counter() - t)
+n = 2048
+peak = matmul_peak('cpu', n)                                # the practical peak: a large fp32 matmul, same process and threads
 
 times = {k: [] for k in setups}
 for r in range(a.repeats + 1):                              # round 0 warms up

@@ -11,6 +11,7 @@ import argparse, json, resource, time
 import torch
 from vilseg.vilseg import ViLSeg, ViLSegConfig
 from vilseg.train import make_optimizer
+from common import matmul_peak
 
 SETTINGS = {'cross': ('cross only', dict(lambda_vision=0, lambda_cluster=0)),
             'vision': ('cross + vision (2 local crops)', dict(lambda_cluster=0)),
@@ -33,12 +34,7 @@ import contextlib
 dev = torch.device(a.device); cuda = dev.type == 'cuda'
 sync = torch.cuda.synchronize if cuda else (lambda: None)
 amp = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-n = 8192 if cuda else 2048                                  # the practical peak: a large matmul (fp32 on the CPU, bf16 on CUDA)
-x, y = (torch.randn(n, n, device=dev, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
-for _ in range(2): x @ y
-sync(); t = time.perf_counter()
-for _ in range(10): x @ y
-sync(); peak = 2 * n ** 3 * 10 / (time.perf_counter() - t); del x, y
+peak = matmul_peak(dev)                                     # the practical peak: a large matmul (fp32 on the CPU, bf16 on CUDA)
 for key in a.settings or (list(SETTINGS) if a.model.startswith('vilseg-') else ['cross']):
     name, kw = SETTINGS[key]
     torch.manual_seed(0)

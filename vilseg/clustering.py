@@ -73,7 +73,9 @@ def _pamr_affinity(x: torch.Tensor, offs, m: int, tau: float) -> torch.Tensor:
     dilation), computed in two passes over the shifted views, so no `B x 3 x N x H x W` stack is made."""
     D = len(offs) // 8; n = len(offs) + D
     sh = _shifts(x, offs, m)
-    mean = (x * D + torch.stack(sh).sum(0)) / n
+    s1 = x * D
+    for v in sh: s1 = s1 + v
+    mean = s1 / n
     ss = (x - mean).square() * D
     for v in sh: ss += (v - mean).square()
     w = 1.0 / (x.shape[1] * (tau * (ss / (n - 1)).sqrt() + 1e-8))             # 1 / (3 tau sigma): the mean over channels

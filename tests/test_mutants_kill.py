@@ -1,6 +1,7 @@
 """Tests written against the survivors of `make mutants` (tests/mutants/run_mutants.py, docs/mutation.md): each
 checks a number the read-out, the metric, the evaluation or a loss reports against an expectation computed here."""
-import itertools, math, warnings
+import itertools, json, math, warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1246,3 +1247,441 @@ def test_proposals_decoder_wiring_by_hand(background):
     d16 = MaskProposalDecoder(6, 5, 16, ProposalConfig(n_queries=2, dim=8, layers=1, heads=2, pixel_dim=4, upsample=4)).eval()
     assert len(d16.stem) == 3
     assert d16(feats, torch.randn(2, 3, 30, 40), text)['masks'].shape == (2, 2, 8, 12)
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+def test_protocols_template_sets_and_describe():
+    "The template sets as `str.format` strings of open_clip's callables, and each protocol's description, written out here."
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+    from vilseg.protocols import TEMPLATE_SETS, get_protocol
+    im = TEMPLATE_SETS['imagenet80']
+    assert len(im) == 80 and im[0] == 'a bad photo of a {}.' and all(t.count('{}') == 1 for t in im)
+    assert [t.format('cat') for t in im] == [f('cat') for f in OPENAI_IMAGENET_TEMPLATES]
+    assert [t.format('cat') for t in TEMPLATE_SETS['short']] == [f('cat') for f in SIMPLE_IMAGENET_TEMPLATES]
+    want = {('voc21', None): 'voc21 [vilseg]: voc21, short side 448, slide 448/224, imagenet80 templates, background if prob < 0.1',
+            ('world', None): 'world [vilseg]: world, native size, whole image, world templates, background if cosine < 0.3',
+            ('voc20', None): 'voc20 [vilseg]: voc20, short side 448, slide 448/224, imagenet80 templates, no background class',
+            ('voc21', 'sclip'): 'voc21 [sclip]: voc21, short side 336, slide 224/112, imagenet80 templates, background as a query '
+                                '(prob_thd 0.1, area_thd 0.1), synonyms max, logit scale 65.0, clip pixels',
+            ('context60', 'tcl'): 'context60 [tcl]: context60, short side 448, slide 448/224, tcl templates, background = constant '
+                                  '0.4 vs tcl_kp, synonyms average, logit scale None, imagenet pixels'}
+    for (name, variant), text in want.items():
+        assert get_protocol(name, variant).describe() == text
+
+
+def test_protocols_variant_fields_exactly():
+    """Every field each reference variant sets, on presets that differ in SCLIP's per-dataset values (configs/cfg_*.py)
+    and TCL's constant ones (configs/eval.yml); the world preset refused by both; variants start from the preset."""
+    from dataclasses import asdict
+    from pathlib import Path
+    import vilseg
+    from vilseg.protocols import get_protocol, PRESETS, Protocol
+    cls = Path(vilseg.__file__).parent / 'classes'
+    sclip = dict(variant='sclip', window=224, stride=112, templates='imagenet80', resize='mmseg', pixel_norm='clip', synonyms='max',
+                 bg_rule='query', score_map='cosine', pamr_iters=0, pamr_dilations=None)
+    per = {'voc21': (336, 65.0, 0.1, 0.1), 'context60': (336, 50.0, 0.1, None), 'coco_object': (336, 50.0, 0.1, None),
+           'ade150': (336, 40.0, 0.0, None), 'coco_stuff171': (448, 40.0, 0.0, None)}
+    for b, (short, scale, pthd, athd) in per.items():
+        want = dict(asdict(PRESETS[b]), **sclip, short_side=short, prob_scale=scale, prob_thd=pthd, area_thd=athd,
+                    class_names_file=str(cls / 'sclip' / f'{b}.txt'))
+        assert asdict(get_protocol(b, 'sclip')) == want, b
+        tcl = dict(asdict(PRESETS[b]), variant='tcl', short_side=448, window=448, stride=224, templates='tcl', resize='mmseg',
+                   pixel_norm='imagenet', class_names_file=str(cls / 'mmseg' / f'{b}.txt'), synonyms='average', bg_rule='constant',
+                   bg_threshold=0.4, score_map='tcl_kp', prob_scale=None, prob_thd=0.0, area_thd=None, pamr_iters=10,
+                   pamr_dilations=(1, 2, 4, 8, 12, 24), pamr_scale=0.25)
+        got = asdict(get_protocol(b, 'tcl')); got['pamr_dilations'] = tuple(got['pamr_dilations'])
+        assert got == tcl, b
+    for v in ('sclip', 'tcl'):
+        with pytest.raises(ValueError, match=f'^the {v} protocol is defined for the real benchmarks, not the world preset$'):
+            get_protocol('world', v)
+    # a variant starts from the named preset; a protocol of its own keeps its other fields; overrides come last
+    assert get_protocol(get_protocol('voc21', window=96, stride=48), 'sclip').window == 224
+    mine = get_protocol(Protocol('mine', 'voc21', background=True, bg_threshold=0.7), 'tcl')
+    assert (mine.name, mine.background, mine.short_side, mine.bg_threshold) == ('mine', True, 448, 0.4)
+    assert get_protocol('voc21', 'sclip', prob_thd=0.2).prob_thd == 0.2 and get_protocol('voc21', 'vilseg') == PRESETS['voc21']
+    with pytest.raises(ValueError, match=r"^unknown protocol 'bogus'; known: \['vilseg', 'sclip', 'tcl'\]$"):
+        get_protocol('voc21', 'bogus')
+
+
+def test_protocols_cards_are_the_variants_docstrings():
+    "`protocol_cards()`: one card per variant, headed by its option, its docstring dedented, cards separated by a blank line."
+    from vilseg.protocols import protocol_cards
+    cards = protocol_cards().split('\n\n')
+    assert [c.split('\n', 1)[0] for c in cards] == ['--protocol vilseg', '--protocol sclip', '--protocol tcl']
+    assert cards[1].split('\n')[1] == '**sclip**: SCLIP (Wang et al., ECCV 2024) as its code evaluates (github.com/wangf3014/SCLIP).'
+    assert '\n- slide: window 224, stride 112: clip_segmentor.py' in cards[1] and '\n- slide: window 448, stride 224' in cards[2]
+    assert not any(l.startswith(' ') and not l.startswith('  ') for c in cards for l in c.split('\n'))   # dedented
+
+
+def test_protocols_queries_by_hand():
+    "The text queries and their classes: averaged synonyms or one query per name; TCL's background is not a query."
+    from vilseg.protocols import protocol_queries, get_protocol, Protocol
+    names = [['background'], ['cat', 'kitty'], ['dog']]
+    assert protocol_queries(get_protocol('voc21'), names) == ([['background'], ['cat', 'kitty'], ['dog']], [0, 1, 2])
+    assert protocol_queries(get_protocol('voc21', 'sclip'), names) == ([['background'], ['cat'], ['kitty'], ['dog']], [0, 1, 1, 2])
+    assert protocol_queries(get_protocol('voc21', 'tcl'), names) == ([['cat', 'kitty'], ['dog']], [1, 2])
+    # without a background class nothing is skipped, whatever the rule
+    assert protocol_queries(get_protocol('voc20', 'tcl'), names) == ([['background'], ['cat', 'kitty'], ['dog']], [0, 1, 2])
+    p = Protocol('x', 'voc21', background=True, bg_rule='constant', synonyms='max')
+    assert protocol_queries(p, names) == ([['cat'], ['kitty'], ['dog']], [1, 1, 2])
+
+
+def _constant_reference(s, qc, C, bg, kp):
+    "TCL's rule written out: per class the max over its queries (optionally sigmoid(10 (s - 0.25))), a constant class 0."
+    s = 1 / (1 + np.exp(-10.0 * (s - 0.25))) if kp else s
+    first = 0 if bg is None else 1
+    S = np.stack([s[[q for q, c in enumerate(qc) if c == k]].max(0) for k in range(first, C)])
+    if bg is not None: S = np.concatenate([np.full_like(S[:1], bg), S])
+    return S.argmax(0)
+
+
+def test_protocols_constant_decision_by_hand():
+    "TCL's decision rule on a hand case (written out) and on random scores against the formula, both score maps."
+    from vilseg.protocols import constant_decision
+    # queries 0, 1: cat (class 1); query 2: dog (class 2); class 0 is the constant
+    s = torch.tensor([[0.30, 0.10, 0.20, 0.26], [0.10, 0.50, 0.20, 0.27], [0.20, 0.20, 0.45, 0.28]]).view(3, 1, 4)
+    assert constant_decision(s, [1, 1, 2], 3, 0.4).tolist() == [[0, 1, 2, 0]]                  # cosines against 0.4
+    assert constant_decision(s, [0, 0, 1], 2, None).tolist() == [[0, 0, 1, 1]]                 # no background: argmax
+    # sigmoid(10 (s - 0.25)): cat 0.622 0.924 0.378 0.550; dog 0.378 0.378 0.881 0.574
+    assert constant_decision(s, [1, 1, 2], 3, 0.4, 'tcl_kp').tolist() == [[1, 1, 2, 2]]
+    assert constant_decision(s, [1, 1, 2], 3, 0.6, 'tcl_kp').tolist() == [[1, 1, 2, 0]]
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(5, 8, 9, generator=g) * 0.6
+    qc = [1, 1, 2, 3, 3]
+    for bg in np.linspace(0.2, 0.9, 15):
+        for kp in (False, True):
+            want = _constant_reference(r.double().numpy(), qc, 4, float(bg), kp)
+            assert np.array_equal(constant_decision(r, qc, 4, float(bg), 'tcl_kp' if kp else 'cosine').numpy(), want), (bg, kp)
+    assert np.array_equal(constant_decision(r, [0, 0, 1, 2, 2], 3, None, 'tcl_kp').numpy(), _constant_reference(r.numpy(), [0, 0, 1, 2, 2], 3, None, True))
+
+
+def test_protocols_sclip_decision_ties_and_defaults():
+    "SCLIP's rule at its boundaries: a probability equal to prob_thd stays, an area equal to area_thd's share is dropped."
+    from vilseg.protocols import sclip_decision
+    # queries = classes 0 (background), 1, 2; at scale 100 the background's probability underflows to 0
+    s = torch.tensor([[-1., -1., -1.], [1., 1., 0.], [1., 0., 1.]]).view(3, 1, 3)
+    assert sclip_decision(s, [0, 1, 2], 3, 100.0).tolist() == [[1, 1, 2]]           # default prob_thd 0: nothing forced to 0
+    assert sclip_decision(s, [0, 1, 2], 3, 100.0, 0.5).tolist() == [[1, 1, 2]]      # pixel 0: p = 0.5 exactly, not below 0.5
+    assert sclip_decision(s, [0, 1, 2], 3, 100.0, 0.5001).tolist() == [[0, 1, 2]]
+    # area: class 1 on 1 of 4 foreground pixels, class 2 on 3: at area_thd 0.25, 1 > 0.25 * 4 is false: class 1 dropped
+    a = torch.tensor([[-1., -1., -1., -1.], [1., 0., 0., 0.], [0.5, 1., 1., 1.], [-1., -1., -1., -1.]]).view(4, 1, 4)
+    assert sclip_decision(a, [0, 1, 2, 3], 4, 100.0, 0.0, 0.25).tolist() == [[2, 2, 2, 2]]   # class 3 never predicted
+    assert sclip_decision(a, [0, 1, 2, 3], 4, 100.0, 0.0, 0.24).tolist() == [[1, 2, 2, 2]]
+
+
+@pytest.fixture(scope='module')
+def protocols_run(tmp_path_factory):
+    """A tiny world under `data/world` and a checkpoint of a micro model written as `train` writes one (refine 2 and 1 PAMR
+    step; a `pretrained` file that no longer exists, as after moving a run), with its run's calibrated thresholds."""
+    from dataclasses import asdict
+    from vilseg.world import make_world, WorldConfig
+    from vilseg.train import TrainConfig
+    from vilseg.vilseg import ViLSeg
+    from vilseg.core import atomic_save, atomic_write_json
+    base = tmp_path_factory.mktemp('protocols')
+    world = base / 'data' / 'world'
+    make_world(world, n_train=4, n_val=3, cfg=WorldConfig(image_size=32), shard_size=64, workers=1, progress=False)
+    cfg = TrainConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, refine_iters=2, pamr_iters=1, image_size=32)
+    torch.manual_seed(0)
+    m = ViLSeg(cfg.model_config())
+    run = base / 'run'; run.mkdir()
+    conf = dict(asdict(cfg), pretrained='/nonexistent/weights.pt', a_field_of_a_later_version=1)
+    atomic_save({'model': m.state_dict(), 'config': conf, 'step': 3}, run / 'checkpoint.pt')
+    atomic_write_json(run / 'metrics.json', {'val': {'cluster': {'bg_threshold': 0.25, 'miou': 0.1}, 'dense': {'bg_threshold': '0.35'}}})
+    return base, world, run / 'checkpoint.pt', m.state_dict()
+
+
+def test_protocols_load_model_and_calibrated_threshold(protocols_run, tmp_path):
+    """`load_model`: the weights, config and identity of a checkpoint (the pretrained file not needed, later fields ignored,
+    a run without the refit read out without it); named errors. `calibrated_threshold`: the run's metrics.json."""
+    import hashlib
+    from vilseg.protocols import load_model, calibrated_threshold
+    from vilseg.core import VilsegDataError, atomic_save, load_checkpoint
+    from dataclasses import fields
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    base, world, ck, sd = protocols_run
+    m, conf = load_model(ck)
+    assert not m.training and (m.cfg.model, m.cfg.n_clusters, m.cfg.refine_iters, m.cfg.pamr_iters, m.cfg.pretrained) == ('vilseg-micro', 4, 2, 1, None)
+    assert conf['pretrained'] == '/nonexistent/weights.pt' and conf['a_field_of_a_later_version'] == 1
+    assert set(m.state_dict()) == set(sd) and all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    assert m.ident == 'vilseg-checkpoint:' + hashlib.sha256(ck.read_bytes()).hexdigest()
+    assert {p.device.type for p in m.parameters()} == {'cpu'}
+    old = load_checkpoint(ck); del old['config']['refine_iters']
+    atomic_save(old, tmp_path / 'old.pt')
+    assert load_model(tmp_path / 'old.pt')[0].cfg.refine_iters == 0
+    for bad in ({'weights': torch.zeros(1)}, {'config': old['config']}, {'model': sd}, torch.zeros(2)):
+        atomic_save(bad, tmp_path / 'bad.pt')
+        with pytest.raises(VilsegDataError, match=r'bad\.pt: not a vilseg training checkpoint \(no model/config\); use open_clip models via create_clip$'):
+            load_model(tmp_path / 'bad.pt')
+    five = dict(load_checkpoint(ck)['config'], n_clusters=5)
+    atomic_save({'model': sd, 'config': five}, tmp_path / 'five.pt')
+    mc = ViLSegConfig(**{f.name: five[f.name] for f in fields(ViLSegConfig)}); mc.pretrained = None
+    try: ViLSeg(mc).load_state_dict(sd); line = None
+    except RuntimeError as e: line = str(e).strip().splitlines()[1].strip()
+    assert line and line.startswith('size mismatch')
+    with pytest.raises(VilsegDataError) as e: load_model(tmp_path / 'five.pt')
+    assert str(e.value) == f'{tmp_path / "five.pt"}: its weights do not fit the vilseg-micro model its config names ({line})'
+    assert (calibrated_threshold(ck, 'cluster'), calibrated_threshold(ck, 'dense'), calibrated_threshold(ck, 'oracle')) == (0.25, 0.35, None)
+    assert type(calibrated_threshold(ck, 'dense')) is float
+    assert calibrated_threshold(tmp_path / 'old.pt', 'cluster') is None                         # no metrics.json beside it
+    for metrics in ({'train': {}}, {'val': {'cluster': {'miou': 0.3}}}):
+        (tmp_path / 'metrics.json').write_text(json.dumps(metrics))
+        assert calibrated_threshold(tmp_path / 'old.pt', 'cluster') is None
+
+
+def test_protocols_evaluate_run_wiring(protocols_run, tmp_path, monkeypatch, capsys):
+    """`evaluate_run` hands `run_protocol` the model, preset, data and options it was given (the defaults when not), the
+    run's calibrated threshold on the world preset only, the refit and PAMR settings, and warns (stderr) where the
+    threshold was calibrated under other settings. `run_protocol` and the model constructors are replaced by recorders."""
+    from types import SimpleNamespace as NS
+    import vilseg.protocols as P
+    base, world, ck, _ = protocols_run
+    calls, loads = [], []
+    def spy(model, protocol, root, **kw):
+        calls.append(dict(kw, model=model, p=protocol, root=root, refine=model.cfg.refine_iters, pamr=model.cfg.pamr_iters))
+        return dict(miou=0.5)
+    real_load = P.load_model
+    def load(checkpoint, device): loads.append((checkpoint, device)); return real_load(checkpoint, device)
+    monkeypatch.setattr(P, 'run_protocol', spy); monkeypatch.setattr(P, 'load_model', load)
+    monkeypatch.chdir(base)                                           # the default data='data/world'
+    OPTS = ('method', 'dense', 'split', 'max_images', 'thresholds', 'device', 'progress')
+    def last(): c = calls[-1]; return c, {k: v for k, v in c.items() if k not in OPTS + ('model', 'p', 'root', 'refine', 'pamr')}
+
+    r = P.evaluate_run(ck)
+    c, over = last()
+    assert c['p'] == P.get_protocol('world') and c['root'] == 'data/world' and loads[-1] == (ck, 'cpu')
+    assert [c[k] for k in OPTS] == ['cluster', None, None, None, None, 'cpu', True]
+    assert over == {'bg_threshold': 0.25} and (c['refine'], c['pamr']) == (2, 1) and capsys.readouterr().err == ''
+    assert r == dict(miou=0.5, checkpoint=str(ck), model=None, pretrained=None)
+
+    P.evaluate_run(ck, data=world, split='val', method='dense', dense='value', max_images=2, thresholds=[0.1, 0.2], progress=False)
+    c, over = last()
+    assert [c[k] for k in OPTS] == ['dense', 'value', 'val', 2, [0.1, 0.2], 'cpu', False] and c['root'] == world
+    assert over == {'bg_threshold': 0.35} and type(over['bg_threshold']) is float and capsys.readouterr().err == ''
+
+    P.evaluate_run(ck, refine=0, pamr_iters=0)
+    c, over = last()
+    assert (c['refine'], c['pamr'], over) == (0, 0, {'bg_threshold': 0.25})
+    assert capsys.readouterr().err == (
+        'warning: the threshold 0.25 was calibrated with refine=2, not 0; pass --bg-threshold or sweep with --thresholds\n'
+        'warning: the threshold 0.25 was calibrated with pamr_iters=1, not 0; pass --bg-threshold or sweep with --thresholds\n')
+    P.evaluate_run(ck, refine=2, pamr_iters=1); P.evaluate_run(ck, method='dense', refine=0)
+    assert calls[-1]['refine'] == 0 and capsys.readouterr().err == ''
+    P.evaluate_run(ck, bg_threshold=1, pamr_iters=0)                              # a given threshold: no lookup, no warning
+    c, over = last()
+    assert over == {'bg_threshold': 1.0} and type(over['bg_threshold']) is float and capsys.readouterr().err == ''
+    n = len(calls)
+    with pytest.raises(ValueError, match='^refine must be >= 0, got -1$'): P.evaluate_run(ck, refine=-1)
+    with pytest.raises(ValueError, match='^pamr_iters must be >= 0, got -1$'): P.evaluate_run(ck, pamr_iters=-1)
+    assert len(calls) == n
+
+    other = tmp_path / 'moved' / 'checkpoint.pt'; other.parent.mkdir(); other.write_bytes(ck.read_bytes())
+    P.evaluate_run(other)
+    assert 'bg_threshold' not in last()[1]
+    assert capsys.readouterr().err == f"warning: no calibrated threshold next to {other}; using the preset's 0.3\n"
+    # other presets: no calibrated threshold; the protocol variant and its PAMR steps (the command line's win)
+    P.evaluate_run(ck, preset='voc21'); assert last()[1] == {} and capsys.readouterr().err == ''
+    P.evaluate_run(ck, preset='voc21', protocol='tcl', pamr_iters=3)
+    c, over = last()
+    assert c['p'].variant == 'tcl' and over == {'pamr_iters': 3} and c['pamr'] == 3
+    P.evaluate_run(ck, preset='voc21', protocol='tcl'); assert last()[1] == {}
+    P.evaluate_run(ck, preset='voc21', pamr_iters=3); assert last()[1] == {} and last()[0]['pamr'] == 3
+
+    # an open_clip model: built by clip_baseline, read out densely
+    made = []
+    def baseline(model, pretrained, device):
+        made.append((model, pretrained, device)); return NS(cfg=NS(pamr_iters=0, refine_iters=0))
+    monkeypatch.setattr(P, 'clip_baseline', baseline)
+    r = P.evaluate_run(preset='voc21')
+    assert made[-1] == ('ViT-B-16', None, 'cpu') and last()[0]['method'] == 'dense'
+    assert r == dict(miou=0.5, checkpoint=None, model='ViT-B-16', pretrained=None)
+    r = P.evaluate_run(model='vilseg-micro', pretrained='w.pt', preset='voc21', device='cpu:0')
+    assert made[-1] == ('vilseg-micro', 'w.pt', 'cpu:0') and last()[0]['device'] == 'cpu:0' and (r['model'], r['pretrained']) == ('vilseg-micro', 'w.pt')
+    with pytest.raises(ValueError, match=r"^an open_clip model without a trained clustering head supports method='dense' only$"):
+        P.evaluate_run(model='vilseg-micro', preset='voc21', method='cluster')
+
+
+def test_protocols_evaluate_run_end_to_end_and_results(protocols_run, tmp_path):
+    """`evaluate_run` on a checkpoint equals `run_protocol` on the loaded model at the run's threshold; its files hold
+    the result; an existing folder is refused before any work and moved aside with `overwrite`; `write_results` alone."""
+    from vilseg.protocols import evaluate_run, load_model, run_protocol, write_results
+    base, world, ck, _ = protocols_run
+    r = evaluate_run(ck, data=world, max_images=2, out_dir=tmp_path / 'ev', progress=False)
+    ref = run_protocol(load_model(ck)[0], 'world', world, method='cluster', bg_threshold=0.25, max_images=2, progress=False)
+    assert r['miou'] == ref['miou'] and r['bg_threshold'] == 0.25 and r['n_images'] == 2
+    np.testing.assert_array_equal(r['iou'], ref['iou'])
+    assert set(r['files']) == {'metrics', 'per_class', 'figure'} and all(Path(f).is_file() for f in r['files'].values())
+    saved = json.loads(Path(r['files']['metrics']).read_text())
+    assert saved['miou'] == r['miou'] and saved['checkpoint'] == str(ck) and list(saved['per_class_iou']) == r['class_names']
+    with pytest.raises(FileExistsError, match='exists and is not empty'):
+        evaluate_run(ck, data=tmp_path / 'no-data-here', out_dir=tmp_path / 'ev', progress=False)
+    evaluate_run(ck, data=world, max_images=1, out_dir=tmp_path / 'ev', overwrite=True, progress=False)
+    assert json.loads((tmp_path / 'ev.old-1' / 'metrics.json').read_text())['n_images'] == 2
+    assert json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['n_images'] == 1
+    out = tmp_path / 'a' / 'b'
+    for _ in range(2):                                                 # a nested new folder, then the same one again
+        paths = write_results(ref, out, plot=False)
+    assert set(paths) == {'metrics', 'per_class'} and not (out / 'per_class.png').exists()
+    assert paths['per_class'].read_text().count('\n') == len(ref['class_names']) + 1
+
+
+def test_protocols_clip_baseline(tmp_path, monkeypatch):
+    """`clip_baseline`: a frozen open_clip model with no trained head (its weights those of the file given, its identity the
+    file's hash or the tag), a warning when it has no weights; model, weights and device as given."""
+    import hashlib
+    import vilseg.protocols as P
+    from vilseg.encoders import create_clip
+    with pytest.warns(UserWarning) as w:
+        m = P.clip_baseline('vilseg-micro')
+    assert ('vilseg-micro without --pretrained weights is randomly initialised: its segmentation is noise (pass an open_clip '
+            'tag or a weights file)') in [str(x.message) for x in w]
+    assert not m.training and (m.cfg.model, m.cfg.pretrained, m.cfg.lambda_cluster, m.cfg.lambda_vision, m.ident) == ('vilseg-micro', None, 0, 0, None)
+    torch.manual_seed(1)
+    clip, _ = create_clip('vilseg-micro')
+    f = tmp_path / 'micro.pt'; torch.save(clip.state_dict(), f)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        m = P.clip_baseline('vilseg-micro', str(f))
+    assert not any('randomly initialised' in str(x.message) for x in w)
+    assert m.ident == 'open_clip:vilseg-micro:sha256:' + hashlib.sha256(f.read_bytes()).hexdigest() and m.cfg.pretrained == str(f)
+    sd = clip.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in m.clip.state_dict().items())
+    rec = {}
+    class Fake:
+        def __init__(self, cfg): rec['cfg'] = cfg; self.training = True
+        def eval(self): self.training = False; return self
+        def to(self, device): rec['device'] = device; return self
+    monkeypatch.setattr(P, 'ViLSeg', Fake)
+    with pytest.warns(UserWarning, match='^ViT-B-16 without --pretrained weights'):
+        P.clip_baseline()
+    assert rec['cfg'].model == 'ViT-B-16' and rec['device'] == 'cpu'
+    t = P.clip_baseline('ViT-B-16', 'laion2b_s34b_b88k', device='cuda:1')
+    assert t.ident == 'open_clip:ViT-B-16:laion2b_s34b_b88k' and rec['cfg'].pretrained == 'laion2b_s34b_b88k' and rec['device'] == 'cuda:1'
+    assert not t.training
+
+
+# ------------------------------------------------------------------------------------------------ the model's training forward
+def _model_batch(B=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {'global': torch.randn(B, 3, 32, 32, generator=g), 'local': torch.randn(B, 2, 3, 16, 16, generator=g),
+            'pair': torch.randn(B, 3, 32, 32, generator=g),
+            'pair_box': torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.0, 0.75, 0.5], [0.1, 0.3, 0.6, 0.9], [0.5, 0.5, 1.0, 1.0]])[:B],
+            'pair_flip': torch.tensor([False, True, False, True])[:B],
+            'caption': ['a red star and a cat', 'two blue rings', 'a green box and a tree', 'a yellow heart and a star'][:B]}
+
+
+def _hand_forward(m, batch, step):
+    """The training loss written out from the encoders, the clustering head and the loss functions (each tested against its
+    own formula in tests/test_losses_formulas.py): which features feed which term, its weight, and what is detached."""
+    from vilseg.encoders import image_features, encode_text
+    from vilseg.losses import cross_modal_loss, attentive_cross_modal_loss, vision_contrast_loss, iic_loss, \
+        multi_label_contrast_loss, bank_distill_loss
+    from vilseg.views import align_to_pair
+    cfg, clip = m.cfg, m.clip
+    fg = image_features(clip, batch['global'], dense=cfg.dense_features)
+    img = F.normalize(fg['global'], dim=-1)
+    txt = encode_text(clip, m.tokenizer(batch['caption']), normalize=True)
+    s = clip.logit_scale.exp()
+    pf = F.normalize(fg['patches'].flatten(1, 2), dim=-1)
+    t = {'cross': attentive_cross_modal_loss(pf, txt, s, cfg.attn_temperature) if cfg.cross_pool == 'attn' else cross_modal_loss(img, txt, s)}
+    loss = t['cross']
+    if cfg.lambda_nouns > 0:
+        nouns = [m.nouns(c) for c in batch['caption']]
+        words = sorted({w for ns in nouns for w in ns})
+        pe = encode_text(clip, m.tokenizer([cfg.noun_template.format(w) for w in words]), normalize=True)
+        src = img if cfg.noun_pool == 'image' else pf
+        t['nouns'] = multi_label_contrast_loss(src, nouns, pe, words, s, mode=cfg.noun_loss, tau=cfg.noun_tau)
+        loss = loss + cfg.lambda_nouns * t['nouns']
+        if cfg.noun_bank:
+            be = F.normalize(m.noun_bank.weight[[m.nouns.vocab.index(w) for w in words]], dim=-1)
+            t['nouns_bank'] = multi_label_contrast_loss(src, nouns, be, words, s, mode=cfg.noun_loss, tau=cfg.noun_tau)
+            t['bank_distill'] = bank_distill_loss(pe, be, s, words)
+            loss = loss + cfg.lambda_nouns * (t['nouns_bank'] + t['bank_distill'])
+    B = len(batch['global'])
+    loc = F.normalize(image_features(clip, batch['local'].flatten(0, 1), dense='none')['global'], dim=-1).view(B, 2, -1)
+    if m.teacher is not None:
+        with torch.no_grad():
+            student = clip.visual; clip.visual = m.teacher
+            try: tgt = F.normalize(image_features(clip, batch['global'], dense='none')['global'], dim=-1)
+            finally: clip.visual = student
+    else: tgt = img.detach()
+    t['vision'] = vision_contrast_loss(loc, tgt, cfg.vision_temperature)
+    loss = loss + cfg.lambda_vision * t['vision']
+    n = cfg.cluster_images or B
+    zg = fg.get('tokens', fg['patches'])[:n]
+    zp = image_features(clip, batch['pair'][:n])['patches']
+    if cfg.cluster_detach: zg, zp = zg.detach(), zp.detach()
+    q1 = align_to_pair(m.head.assign(zg).permute(0, 3, 1, 2), batch['pair_box'][:n], batch['pair_flip'][:n], zg.shape[1:3])
+    t['cluster'] = iic_loss(q1.permute(0, 2, 3, 1), m.head.assign(zp), cfg.iic_lambda)
+    w = cfg.lambda_cluster * (1.0 if step is None else min(1.0, step / cfg.cluster_warmup))
+    return t, loss + w * t['cluster']
+
+
+MODEL_CASES = {
+    'mean, warm-up, subset': (dict(lambda_vision=0.7, lambda_cluster=0.6, cluster_warmup=10, cluster_images=2, iic_lambda=1.3,
+                                   vision_temperature=0.2), 4),
+    'attn, patch nouns, value path, detached head': (dict(lambda_vision=0.4, lambda_cluster=1.5, cross_pool='attn', attn_temperature=0.3,
+                                                          lambda_nouns=0.5, noun_pool='patches', noun_loss='any', noun_tau=0.2,
+                                                          dense_features='value', cluster_detach=True, cluster_warmup=5), 20),
+    'noun bank, EMA teacher': (dict(lambda_vision=1.2, lambda_cluster=0.3, lambda_nouns=0.8, noun_bank=True, ema_momentum=0.9,
+                                    noun_template='an image of a {}.', cluster_warmup=3), None),
+}
+
+
+@pytest.mark.parametrize('case', list(MODEL_CASES))
+def test_model_forward_every_term_against_its_formula(case):
+    """`ViLSeg.forward`: every loss term, the total (the warm-up's weight at `step`) and every parameter's gradient equal the
+    loss written out by hand (`_hand_forward`), for the three pooling/noun/teacher/detach settings; the terms come back
+    detached, the text cache and the weights' identity are dropped."""
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    kw, step = MODEL_CASES[case]
+    torch.manual_seed(0)
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, **kw)).train()
+    if m.cfg.lambda_nouns > 0: m.set_noun_vocab(['star', 'ring', 'box', 'tree', 'heart', 'cat'])
+    with torch.no_grad():                                             # a teacher apart from the student, a noun bank not at its init
+        for p in m.clip.visual.parameters(): p.add_(0.05 * torch.randn_like(p))
+        if m.noun_bank is not None: m.noun_bank.weight.normal_()
+    m.ident, m._text_cache = 'weights', {'x': 1}
+    batch = _model_batch()
+    out = m(batch, step=step)
+    assert m.ident is None and m._text_cache == {}
+    out['loss'].backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    terms, loss = _hand_forward(m, batch, step)
+    assert set(out) == set(terms) | {'loss', 'logit_scale'}
+    for k, v in terms.items():
+        assert not out[k].requires_grad and float(out[k]) == pytest.approx(float(v.detach()), rel=1e-5, abs=1e-6), k
+    assert float(out['loss'].detach()) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6) and float(out['logit_scale']) == pytest.approx(float(m.clip.logit_scale.exp()))
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any(n.startswith('head.') for n in got)
+    for n in want: assert torch.allclose(got[n], want[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_model_forward_weights_tokens_and_errors():
+    """The clustering weight: 0 before the warm-up, full after it, and with no step; given tokens stand in for the
+    captions; a term is skipped when its views are missing; named errors for uint8 views and a missing vocabulary."""
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    torch.manual_seed(0)
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_cluster=2.0, cluster_warmup=8)).train()
+    batch = _model_batch()
+    for step, w in ((0, 0.0), (2, 0.5), (8, 2.0), (80, 2.0), (None, 2.0)):
+        o = m(batch, step=step)
+        assert float(o['loss']) == pytest.approx(float(o['cross'] + o['vision'] + w * o['cluster']), rel=1e-6), step
+    m.cfg.cluster_warmup = 0
+    o = m(batch, step=0)
+    assert float(o['loss']) == pytest.approx(float(o['cross'] + o['vision'] + 2.0 * o['cluster']), rel=1e-6)
+    tok = dict({k: v for k, v in batch.items() if k != 'caption'}, tokens=m.tokenizer(batch['caption']))
+    assert float(m(tok)['cross']) == pytest.approx(float(o['cross']), rel=1e-6)
+    bare = {'global': batch['global'], 'caption': batch['caption']}
+    assert set(m(bare)) == {'cross', 'loss', 'logit_scale'}
+    with pytest.raises(ValueError, match=r"^batch\['global'\] is uint8: finish the views first \(`MultiView.finish`\)$"):
+        m(dict(batch, **{'global': torch.zeros(4, 3, 32, 32, dtype=torch.uint8)}))
+    n = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_nouns=1.0))
+    with pytest.raises(RuntimeError, match='^lambda_nouns > 0 needs a noun vocabulary: call set_noun_vocab \\(train does\\)$'): n(batch)
+    n.set_noun_vocab(['star'])
+    with pytest.raises(ValueError, match="^lambda_nouns > 0 needs the batch's 'caption' strings$"): n(tok)
+    # a rank whose captions hold no vocabulary noun still returns a noun term (DDP's gathers stay in step)
+    o = n({'global': batch['global'], 'caption': ['two blue rings'] * 4})
+    assert 'nouns' in o and torch.isfinite(o['nouns'])

@@ -229,6 +229,15 @@ def test_open_clip_baseline_through_cli(tmp_path):
     assert saved['protocol']['short_side'] == 64 and saved['protocol']['window'] == 32 and saved['dense'] == 'value'
 
 
+def test_clip_baseline_warning_names_the_caller():
+    """The random-weights warning points at the line that called `clip_baseline` (stacklevel 2), not into the library.
+    (Outside the mutation run: mutmut's trampolines put two frames between the caller and the function.)"""
+    from vilseg.protocols import clip_baseline
+    with pytest.warns(UserWarning) as w:
+        clip_baseline('vilseg-micro')
+    assert [x.filename for x in w if 'randomly initialised' in str(x.message)] == [__file__]
+
+
 def test_protocol_errors(tmp_path):
     with pytest.raises(ValueError, match='unknown protocol preset'): get_protocol('voc2077')
     with pytest.raises(ValueError, match='stride'): get_protocol('ade150', stride=0)

@@ -119,7 +119,6 @@ class ViLSeg(nn.Module):
             self.teacher = copy.deepcopy(self.clip.visual).requires_grad_(False)
         self._text_cache = {}
         self.ident = None                 # the frozen weights' identity (`load_model`, `clip_baseline`): class embeddings cached on disk
-        self.ident = None                 # the frozen weights' identity (`load_model`, `clip_baseline`): class embeddings cached on disk
         self.nouns = None                 # a NounExtractor, set by `set_noun_vocab` when lambda_nouns > 0
         self.noun_bank = None             # with cfg.noun_bank: an nn.Embedding, one row per vocabulary noun (`set_noun_vocab`)
         self.register_load_state_dict_pre_hook(_load_noun_bank)

@@ -57,10 +57,22 @@ MODULES = {
                     tests=['tests/test_wiring.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py', 'tests/test_text_cache.py',
                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_vilseg.py and segment_odd) '
                                  'or (test_mutants_kill.py and readout) or (test_text_cache.py and cached_on_disk)']),
+    # evaluate_run, load_model, clip_baseline and the reference decision rules in-process (test_mutants_kill.py protocols):
+    # the command-line tests that also run them start subprocesses
+    # the model's training forward (vilseg/vilseg.py outside the read-out): every loss term, weight and gradient against the
+    # loss written out by hand, the EMA teacher, the stop-gradients and BatchNorm's statistics under the views' forwards
+    'model': dict(path='vilseg/vilseg.py',
+                  functions=['vilseg.vilseg.x_forward__mutmut_*', 'vilseg.vilseg.x__view_stats__mutmut_*',
+                             'vilseg.vilseg.x_cluster_loss__mutmut_*', 'vilseg.vilseg.x__teacher_global__mutmut_*',
+                             'vilseg.vilseg.x_update_teacher__mutmut_*', 'vilseg.vilseg.x_frozen_bn_stats__mutmut_*'],
+                  tests=['tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_mutants_kill.py',
+                         '-k', '(test_wiring.py and (vision or ema or cluster_loss)) or (test_ddp_exact.py and batchnorm) '
+                               'or (test_mutants_kill.py and model_forward)']),
     'protocols': dict(path='vilseg/protocols.py',
-                      tests=['tests/test_protocols.py', 'tests/test_wiring.py', 'tests/test_references.py',
+                      tests=['tests/test_protocols.py', 'tests/test_wiring.py', 'tests/test_references.py', 'tests/test_mutants_kill.py',
                              '-k', '(test_protocols.py and (preset or errors) and not cli) or (test_wiring.py and run_protocol) '
-                                   'or (test_references.py and sclip_background_rule)']),   # the cards' test reads docstrings, which mutmut's trampolines hide
+                                   'or (test_references.py and (sclip_background_rule or variants_match)) '
+                                   'or (test_mutants_kill.py and protocols)']),
     # the zero-shot tests of tests/test_zeroshot.py train decoders end to end (seconds per mutant, and their DDP test spawns
     # processes mutmut cannot see into); the selection is the hand-computed expectations of tests/test_mutants_kill.py
     'proposals': dict(path='vilseg/proposals.py',
@@ -132,7 +144,10 @@ def prepare(name: str, spec: dict, resume: bool, before: bool = False) -> Path:
 def run_module(name: str, spec: dict, minutes: float, resume: bool, before: bool = False) -> dict:
     tag = name + ('-before' if before else '')
     work = prepare(tag, spec, resume, before)
+    # --tb=line: a failing test's report shows no source, so pytest does not parse the mutated module (mutmut writes every
+    # mutant into it: zeroshot.py holds 2867) to find the failing statement, which took seconds per killed mutant
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'TQDM_DISABLE': '1', 'MPLBACKEND': 'Agg',
+           'PYTEST_ADDOPTS': (os.environ.get('PYTEST_ADDOPTS', '') + ' --tb=line').strip(),
            'PYTHONPATH': str(work / 'mutants')}   # the mutated copy, ahead of the editable install of the real package
     (work / 'mutants').mkdir(exist_ok=True)   # before python starts: a PYTHONPATH folder missing then is never searched
     cmd = [sys.executable, str(LAUNCH), 'run', '--max-children', '1', *spec.get('functions', [])]

@@ -1685,3 +1685,30 @@ def test_model_forward_weights_tokens_and_errors():
     # a rank whose captions hold no vocabulary noun still returns a noun term (DDP's gathers stay in step)
     o = n({'global': batch['global'], 'caption': ['two blue rings'] * 4})
     assert 'nouns' in o and torch.isfinite(o['nouns'])
+
+
+class _Bar:
+    "A recorder standing in for tqdm: its arguments, the counts it was advanced by, whether it was closed."
+    made = []
+    def __init__(self, **kw): self.kw, self.steps, self.closed = kw, [], False; _Bar.made.append(self)
+    def update(self, n): self.steps.append(n)
+    def close(self): self.closed = True
+
+
+def test_evaluate_progress_bars_count_the_images(monkeypatch):
+    """`evaluate` and `localization_auc` show a bar whose total is the number of images evaluated (`max_images` counted),
+    advanced by each batch's size to that total, hidden with `progress=False` and shown by default, gone when done."""
+    import vilseg.evaluate as ev
+    monkeypatch.setattr(ev, 'tqdm', _Bar)
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 100, (3, 6, 5), generator=g, dtype=torch.uint8) for _ in range(5)]
+    labs = [torch.randint(0, 3, (6, 5), generator=g) for _ in range(5)]
+    ds = Items(imgs, labs, ['bg', 'cat', 'dog'])
+    m = ChannelOracle(['cat', 'dog'])
+    for fn, desc, method in ((ev.evaluate, 'eval dense', 'dense'), (ev.localization_auc, 'localisation AUC', 'dense')):
+        for kw, total, shown in (({}, 5, True), (dict(max_images=4, progress=False), 4, False)):
+            _Bar.made.clear()
+            fn(m, ds, method=method, batch_size=2, **kw)
+            (b,) = _Bar.made
+            assert b.kw == dict(total=total, desc=desc, unit='img', disable=not shown, leave=False), (fn.__name__, kw)
+            assert sum(b.steps) == total and b.steps[0] == 2 and b.closed

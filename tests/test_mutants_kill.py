@@ -1712,3 +1712,52 @@ def test_evaluate_progress_bars_count_the_images(monkeypatch):
             (b,) = _Bar.made
             assert b.kw == dict(total=total, desc=desc, unit='img', disable=not shown, leave=False), (fn.__name__, kw)
             assert sum(b.steps) == total and b.steps[0] == 2 and b.closed
+
+
+def test_zeroshot_evaluate_batches_resize_bar_and_time(monkeypatch):
+    """`evaluate_zeroshot`'s loop: batches of `batch_size` (32 by default) split into single images where sizes differ,
+    each image resized to `short_side` (antialiased) and scored back at its own size, the class names and templates
+    handed to the backbone, a progress bar over the images, the time measured; no unseen pixel: no unseen shares."""
+    from types import SimpleNamespace as NS
+    import torchvision.transforms.v2.functional as TF
+    import vilseg.zeroshot as zs
+    calls, texts = [], []
+    def fake_scores(decoder, backbone, x, text, out_size=None, ensemble_weights=None):
+        calls.append((x.clone(), tuple(out_size))); return torch.zeros(x.shape[0], 3, *out_size)
+    class Backbone(_StubBackbone):
+        def text(self, class_names, templates=None): texts.append((class_names, templates)); return self._text
+    monkeypatch.setattr(zs, 'zeroshot_scores', fake_scores); monkeypatch.setattr(zs, 'tqdm', _Bar)
+    monkeypatch.setattr(zs, 'time', NS(perf_counter=iter([10.0, 11.23456] * 4).__next__))
+    names, dec = [['background'], ['cat'], ['dog']], _StubDecoder(None, None, False)
+    g = torch.Generator().manual_seed(0)
+    def item(h, w): return {'image': torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), 'label': torch.zeros(h, w, dtype=torch.long)}
+    ds = [item(4, 6), item(4, 6), item(4, 6), item(6, 4), item(4, 6)]
+    _Bar.made.clear()
+    r = zs.evaluate_zeroshot(dec, Backbone(torch.eye(3)), ds, names, [0, 1], [2], bg_index=0, templates=['a {}.'], batch_size=2, short_side=8)
+    assert [tuple(x.shape) for x, _ in calls] == [(2, 3, 8, 12), (1, 3, 8, 12), (1, 3, 12, 8), (1, 3, 8, 12)]   # batch 2 split by size
+    assert [s for _, s in calls] == [(4, 6), (4, 6), (6, 4), (4, 6)] and texts == [(names, ['a {}.'])]
+    assert torch.equal(calls[0][0], TF.resize(torch.stack([ds[0]['image'], ds[1]['image']]), 8, antialias=True))
+    (b,) = _Bar.made
+    assert b.kw == dict(total=5, desc='eval zero-shot', unit='img', disable=False, leave=False) and b.steps == [2, 2, 1] and b.closed
+    assert r['seconds'] == 1.23 and r['n_images'] == 5
+    assert r['unseen_pixel_acc'] is None and r['unseen_as_background'] is None and r['unseen_as_seen'] is None
+    calls.clear(); _Bar.made.clear()
+    zs.evaluate_zeroshot(dec, Backbone(torch.eye(3)), [item(2, 2) for _ in range(33)], names, [0, 1], [2], progress=False)
+    assert [x.shape[0] for x, _ in calls] == [32, 1] and [x.shape[-2:] for x, _ in calls] == [(2, 2), (2, 2)]
+    assert _Bar.made[0].kw['disable'] is True
+
+
+def test_zeroshot_pseudo_quality_names_the_label_file_and_stays_quiet(tmp_path):
+    "The true label's file reaches the dataset's label check (its errors name it); 0/0 rates are not floating-point errors."
+    from vilseg.zeroshot import pseudo_quality, _png
+    seen_paths = []
+    class DS:
+        items = []
+        def map_label(self, raw, path=None): seen_paths.append(path); return raw
+    ds = DS(); (tmp_path / 'p' / 'SegmentationClass').mkdir(parents=True)
+    (tmp_path / 't0.png').write_bytes(_png(torch.tensor([[0, 1], [1, 0]])))
+    (tmp_path / 'p' / 'SegmentationClass' / 'i0.png').write_bytes(_png(torch.tensor([[255, 2], [255, 255]])))
+    ds.items.append(('i0', None, tmp_path / 't0.png'))
+    with np.errstate(all='raise'):                                   # class 2 has no true pixel and class 3 no pseudo pixel
+        q = pseudo_quality(tmp_path / 'p', ds, [2, 3], [['background'], ['cat'], ['dog'], ['cow']])
+    assert seen_paths == [tmp_path / 't0.png'] and q['per_class']['dog']['recall'] is None and q['per_class']['cow']['precision'] is None

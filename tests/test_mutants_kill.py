@@ -1229,7 +1229,7 @@ def test_proposals_decoder_wiring_by_hand(background):
     torch.testing.assert_close(out['masks'], masks, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out['sim'], sim, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out['logits'], logits, atol=1e-4, rtol=1e-5)
-    with pytest.raises(ValueError, match='image_skip=True needs the images'): dec(feats, None, text)
+    with pytest.raises(ValueError, match='^image_skip=True needs the images$'): dec(feats, None, text)
     with pytest.raises(ValueError, match=r'^upsample=4 must divide the patch size 6$'): MaskProposalDecoder(6, 5, 6, cfg)
     # no upsampling: no image stem, masks on the patch grid
     d1 = MaskProposalDecoder(6, 5, 8, ProposalConfig(n_queries=2, dim=8, layers=1, heads=2, pixel_dim=4, upsample=1))
@@ -1761,3 +1761,42 @@ def test_zeroshot_pseudo_quality_names_the_label_file_and_stays_quiet(tmp_path):
     with np.errstate(all='raise'):                                   # class 2 has no true pixel and class 3 no pseudo pixel
         q = pseudo_quality(tmp_path / 'p', ds, [2, 3], [['background'], ['cat'], ['dog'], ['cow']])
     assert seen_paths == [tmp_path / 't0.png'] and q['per_class']['dog']['recall'] is None and q['per_class']['cow']['precision'] is None
+
+
+def test_proposals_match_defaults_rank_options_and_messages():
+    """`hungarian_match`'s default weights (2, 5, 5) on a case where each, one higher, changes the optimum; the criterion
+    passes `order_margin` and `rank_topk` on to its ranking losses; a ranking loss without relations is named."""
+    from vilseg.proposals import hungarian_match, pair_mask_costs, ProposalCriterion, LossConfig, text_relations, \
+        pairwise_rank_loss, listmle_rank_loss
+    def brute(prob, ml, classes, tg, w):
+        bce, dice = pair_mask_costs(ml, tg)
+        cost = -w[0] * prob[:, classes] + w[1] * bce + w[2] * dice
+        return min(itertools.permutations(range(len(prob)), len(classes)), key=lambda qs: sum(float(cost[q, k]) for k, q in enumerate(qs)))
+    for seed in range(300):
+        g = torch.Generator().manual_seed(seed)
+        prob = (torch.randn(4, 5, generator=g) * 2).softmax(-1); ml = torch.randn(4, 8, generator=g) * 2
+        classes, tg = torch.tensor([3, 0, 1]), (torch.rand(3, 8, generator=g) > 0.5).float()
+        base = brute(prob, ml, classes, tg, (2.0, 5.0, 5.0))
+        if all(brute(prob, ml, classes, tg, w) != base for w in ((3.0, 5.0, 5.0), (2.0, 6.0, 5.0), (2.0, 5.0, 6.0))): break
+    else: pytest.fail('no case where each default weight decides the matching')
+    qi, gi = hungarian_match(prob, ml, classes, tg)
+    assert dict(zip(gi.tolist(), qi.tolist())) == dict(enumerate(base))
+    # the ranking options reach the losses: one image, 5 classes, every query matched to a segment of its own class
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[[0, 1, 2, 3], [4, 4, 3, 2]]])
+    logits, masks = torch.randn(1, 5, 5, generator=g), torch.randn(1, 5, 2, 4, generator=g)
+    sim, R = torch.randn(1, 5, 5, generator=g) * 0.3, text_relations(torch.randn(5, 6, generator=g))
+    out = {'logits': logits, 'masks': masks, 'sim': sim}
+    def rank(cfg): return float(ProposalCriterion(cfg)(out, labels, R)['rank'])
+    p = LossConfig(rank='pairwise', rank_margin=0.2, order_margin=0.07)
+    l1 = LossConfig(rank='listmle', rank_temperature=0.3, rank_topk=1)
+    m = ProposalCriterion(p)
+    qi, gi = hungarian_match(logits[0].softmax(-1), masks[0].flatten(1), torch.arange(5),
+                             torch.stack([(labels[0] == c).float().flatten() for c in range(5)]), p.w_class, p.w_mask, p.w_dice)
+    y = torch.empty(5, dtype=torch.long); y[qi] = gi                                     # the class each query is matched to
+    assert rank(p) == pytest.approx(float(pairwise_rank_loss(sim[0], y, R, 0.2, 0.07).sum()) / 5, rel=1e-5)
+    assert rank(p) != pytest.approx(float(pairwise_rank_loss(sim[0], y, R, 0.2, 0.0).sum()) / 5, rel=1e-3)
+    assert rank(l1) == pytest.approx(float(listmle_rank_loss(sim[0], y, R, 0.3, 1).sum()) / 5, rel=1e-5)
+    assert rank(l1) != pytest.approx(float(listmle_rank_loss(sim[0], y, R, 0.3, 0).sum()) / 5, rel=1e-3)
+    with pytest.raises(ValueError, match=r'^a ranking loss needs the text relations \(text_relations\(text\)\)$'):
+        m(out, labels)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'tests' / 'mutants'))
-from run_mutants import undecorate, docstring_only, MODULES   # noqa: E402
+from run_mutants import undecorate, docstring_only, mutated_functions, mutant_diff, MODULES   # noqa: E402
 
 
 def test_undecorate_writes_decorators_as_assignments_with_the_same_behaviour():
@@ -77,6 +77,9 @@ class C:
     keys = ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_2', 'pkg.m.x_f__mutmut_3', 'pkg.m.x_f__mutmut_4',
             'pkg.m.xǁCǁg__mutmut_1', 'pkg.m.xǁCǁg__mutmut_2', 'pkg.m.x_missing__mutmut_1']
     assert docstring_only(f, keys) == ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_4', 'pkg.m.xǁCǁg__mutmut_1']
+    funcs = mutated_functions(f)
+    assert mutant_diff(funcs, 'pkg.m.x_f__mutmut_2').split('\n')[1:] == [' def f(a, b=1):', '     "Adds."', '-    return a + b', '+    return a - b']
+    assert mutant_diff(funcs, 'pkg.m.xǁCǁg__mutmut_2').split('\n')[-2:] == ['-    return 1', '+    return 2']
 
 
 def test_every_module_selection_names_existing_files_and_no_notebook_test():

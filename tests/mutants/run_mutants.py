@@ -57,8 +57,6 @@ MODULES = {
                     tests=['tests/test_wiring.py', 'tests/test_vilseg.py', 'tests/test_mutants_kill.py', 'tests/test_text_cache.py',
                            '-k', '(test_wiring.py and (slide or sliding or calibrate or seen)) or (test_vilseg.py and segment_odd) '
                                  'or (test_mutants_kill.py and readout) or (test_text_cache.py and cached_on_disk)']),
-    # evaluate_run, load_model, clip_baseline and the reference decision rules in-process (test_mutants_kill.py protocols):
-    # the command-line tests that also run them start subprocesses
     # the model's training forward (vilseg/vilseg.py outside the read-out): every loss term, weight and gradient against the
     # loss written out by hand, the EMA teacher, the stop-gradients and BatchNorm's statistics under the views' forwards
     'model': dict(path='vilseg/vilseg.py',
@@ -68,9 +66,12 @@ MODULES = {
                   tests=['tests/test_wiring.py', 'tests/test_ddp_exact.py', 'tests/test_mutants_kill.py',
                          '-k', '(test_wiring.py and (vision or ema or cluster_loss)) or (test_ddp_exact.py and batchnorm) '
                                'or (test_mutants_kill.py and model_forward)']),
+    # evaluate_run, load_model, clip_baseline and the reference decision rules in-process (test_mutants_kill.py protocols):
+    # the command-line tests that also run them start subprocesses; the presets through the colour oracle (a micro model
+    # on every preset, test_preset_runs_micro_model_and_writes_results, takes 25 s a mutant and checks ranges only)
     'protocols': dict(path='vilseg/protocols.py',
                       tests=['tests/test_protocols.py', 'tests/test_wiring.py', 'tests/test_references.py', 'tests/test_mutants_kill.py',
-                             '-k', '(test_protocols.py and (preset or errors) and not cli) or (test_wiring.py and run_protocol) '
+                             '-k', '(test_protocols.py and (preset_harness or errors) and not cli) or (test_wiring.py and run_protocol) '
                                    'or (test_references.py and (sclip_background_rule or variants_match)) '
                                    'or (test_mutants_kill.py and protocols)']),
     # the zero-shot tests of tests/test_zeroshot.py train decoders end to end (seconds per mutant, and their DDP test spawns
@@ -170,27 +171,46 @@ def run_module(name: str, spec: dict, minutes: float, resume: bool, before: bool
 NOT_SCORED = ('not checked', 'skipped', 'docstring')
 
 
-def docstring_only(mutated: Path, keys) -> list:
+def mutated_functions(mutated: Path) -> dict:
+    "Every function of mutmut's mutated module (originals `*__mutmut_orig`, mutants `*__mutmut_N`): name -> (ast node, source)."
+    import ast, textwrap
+    text = mutated.read_text(); lines = text.splitlines()
+    return {n.name: (n, textwrap.dedent('\n'.join(lines[n.lineno - 1:n.end_lineno])))
+            for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def docstring_only(mutated, keys, funcs: dict | None = None) -> list:
     """The mutants that change nothing but a docstring (their function's AST equals the original's once docstrings are
     dropped): they change `__doc__` only, and mutmut's trampoline shows the original's docstring anyway. mutmut 2 did not
     generate them; here they are counted apart and not scored."""
     import ast
-    funcs = {n.name: n for n in ast.walk(ast.parse(mutated.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    funcs = funcs if funcs is not None else mutated_functions(mutated)
     def bare(f):
         body = f.body[1:] if f.body and isinstance(f.body[0], ast.Expr) and isinstance(getattr(f.body[0], 'value', None), ast.Constant) \
             and isinstance(f.body[0].value.value, str) else f.body
         return ast.dump(ast.Module(body=body, type_ignores=[])) + ast.dump(f.args)
-    out = []
+    out, cache = [], {}
     for k in keys:
         name = k.rsplit('.', 1)[-1]
-        orig = funcs.get(name.rsplit('__mutmut_', 1)[0] + '__mutmut_orig')
-        if name in funcs and orig is not None and bare(funcs[name]) == bare(orig):
-            out.append(k)
+        oname = name.rsplit('__mutmut_', 1)[0] + '__mutmut_orig'
+        if name not in funcs or oname not in funcs: continue
+        if oname not in cache: cache[oname] = bare(funcs[oname][0])
+        if bare(funcs[name][0]) == cache[oname]: out.append(k)
     return out
 
 
+def mutant_diff(funcs: dict, key: str) -> str:
+    "The unified diff of a mutant against its original (both named as the function they replace)."
+    import difflib, re
+    name = key.rsplit('.', 1)[-1]; base = name.rsplit('__mutmut_', 1)[0]
+    shown = re.sub(r'^x_|^xǁ[^ǁ]+ǁ', '', base)
+    a = funcs[base + '__mutmut_orig'][1].replace(base + '__mutmut_orig', shown, 1).split('\n')
+    b = funcs[name][1].replace(name, shown, 1).split('\n')
+    return '\n'.join(list(difflib.unified_diff(a, b, lineterm=''))[2:])
+
+
 def collect(name: str, spec: dict, work: Path) -> dict:
-    "Counts and survivors' diffs from mutmut's meta file (read in the work folder, with mutmut's own helpers)."
+    "Counts (exit codes read with mutmut's own table from its meta file in the work folder) and each survivor's diff."
     meta = work / 'mutants' / (spec['path'] + '.meta')
     if not meta.exists(): return dict(module=name, error=f'no results (see runs/mutants/{name}.log)')
     codes = json.loads(meta.read_text())['exit_code_by_key']
@@ -198,18 +218,15 @@ def collect(name: str, spec: dict, work: Path) -> dict:
     if globs: codes = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in globs)}
     from mutmut.__main__ import status_by_exit_code
     status = {k: status_by_exit_code.get(v, f'exit {v}') for k, v in codes.items()}
-    for k in docstring_only(work / 'mutants' / spec['path'], status): status[k] = 'docstring'
+    funcs = mutated_functions(work / 'mutants' / spec['path'])    # Python's ast: libcst takes minutes and GBs on a module of 2,000+ mutants
+    for k in docstring_only(None, status, funcs): status[k] = 'docstring'
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     checked = sum(n for s, n in counts.items() if s not in NOT_SCORED)
     killed = counts.get('killed', 0) + counts.get('timeout', 0) + counts.get('segfault', 0)   # a crashed test run caught the mutant
     survivors = sorted(k for k, s in status.items() if s in ('survived', 'no tests'))
-    import difflib, libcst as cst
-    from mutmut.__main__ import read_original_function, read_mutant_function
-    module, diffs = cst.parse_module((work / 'mutants' / spec['path']).read_text()), {}
+    diffs = {}
     for k in survivors:
-        try:
-            a, b = (cst.Module([f(module, k)]).code.strip().split('\n') for f in (read_original_function, read_mutant_function))
-            diffs[k] = '\n'.join(list(difflib.unified_diff(a, b, lineterm=''))[2:])
+        try: diffs[k] = mutant_diff(funcs, k)
         except Exception as e: diffs[k] = f'(no diff: {e!r})'
     return dict(module=name, path=spec['path'], functions=globs, tests=spec['tests'], counts=counts, total=len(status),
                 checked=checked, score=round(killed / checked, 3) if checked else None,

@@ -1731,12 +1731,13 @@ def test_zeroshot_evaluate_batches_resize_bar_and_time(monkeypatch):
     names, dec = [['background'], ['cat'], ['dog']], _StubDecoder(None, None, False)
     g = torch.Generator().manual_seed(0)
     def item(h, w): return {'image': torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), 'label': torch.zeros(h, w, dtype=torch.long)}
-    ds = [item(4, 6), item(4, 6), item(4, 6), item(6, 4), item(4, 6)]
+    ds = [item(8, 12), item(8, 12), item(8, 12), item(12, 8), item(8, 12)]
     _Bar.made.clear()
-    r = zs.evaluate_zeroshot(dec, Backbone(torch.eye(3)), ds, names, [0, 1], [2], bg_index=0, templates=['a {}.'], batch_size=2, short_side=8)
-    assert [tuple(x.shape) for x, _ in calls] == [(2, 3, 8, 12), (1, 3, 8, 12), (1, 3, 12, 8), (1, 3, 8, 12)]   # batch 2 split by size
-    assert [s for _, s in calls] == [(4, 6), (4, 6), (6, 4), (4, 6)] and texts == [(names, ['a {}.'])]
-    assert torch.equal(calls[0][0], TF.resize(torch.stack([ds[0]['image'], ds[1]['image']]), 8, antialias=True))
+    r = zs.evaluate_zeroshot(dec, Backbone(torch.eye(3)), ds, names, [0, 1], [2], bg_index=0, templates=['a {}.'], batch_size=2, short_side=4)
+    assert [tuple(x.shape) for x, _ in calls] == [(2, 3, 4, 6), (1, 3, 4, 6), (1, 3, 6, 4), (1, 3, 4, 6)]   # batch 2 split by size
+    assert [s for _, s in calls] == [(8, 12), (8, 12), (12, 8), (8, 12)] and texts == [(names, ['a {}.'])]
+    pair = torch.stack([ds[0]['image'], ds[1]['image']])
+    assert torch.equal(calls[0][0], TF.resize(pair, 4, antialias=True)) and not torch.equal(calls[0][0], TF.resize(pair, 4, antialias=False))
     (b,) = _Bar.made
     assert b.kw == dict(total=5, desc='eval zero-shot', unit='img', disable=False, leave=False) and b.steps == [2, 2, 1] and b.closed
     assert r['seconds'] == 1.23 and r['n_images'] == 5

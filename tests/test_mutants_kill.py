@@ -1801,3 +1801,19 @@ def test_proposals_match_defaults_rank_options_and_messages():
     assert rank(l1) != pytest.approx(float(listmle_rank_loss(sim[0], y, R, 0.3, 0).sum()) / 5, rel=1e-3)
     with pytest.raises(ValueError, match=r'^a ranking loss needs the text relations \(text_relations\(text\)\)$'):
         m(out, labels)
+
+
+def test_evaluate_localization_auc_subsample_of_a_rare_side(monkeypatch):
+    """A side with fewer than 1/max_pixels of the labelled pixels keeps exactly one pixel in the subsample (its share
+    rounds to 0), the other side the rest of `max_pixels`."""
+    import vilseg.evaluate as ev
+    seen = {}
+    monkeypatch.setattr(ev, 'roc_auc', lambda p, n: seen.update(p=len(p), n=len(n)) or 0.5)
+    img = torch.randint(0, 100, (3, 25, 40), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    m = ChannelOracle(['cat', 'dog'])
+    rare_obj = torch.zeros(25, 40, dtype=torch.long); rare_obj[0, :2] = 1            # 2 object pixels of 1000
+    ev.localization_auc(m, Items([img], [rare_obj], ['bg', 'cat', 'dog']), max_pixels=100, progress=False)
+    assert (seen['p'], seen['n']) == (1, 100)                                        # k = 100 * 2 // 1000 = 0 -> 1
+    rare_bg = torch.ones(25, 40, dtype=torch.long); rare_bg[0, :2] = 0               # 2 background pixels of 1000
+    ev.localization_auc(m, Items([img], [rare_bg], ['bg', 'cat', 'dog']), max_pixels=100, progress=False)
+    assert (seen['p'], seen['n']) == (99, 1)                                         # k = 99, 100 - k = 1

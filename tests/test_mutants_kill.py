@@ -1624,7 +1624,8 @@ MODEL_CASES = {
                                                           lambda_nouns=0.5, noun_pool='patches', noun_loss='any', noun_tau=0.2,
                                                           dense_features='value', cluster_detach=True, cluster_warmup=5), 20),
     'noun bank, EMA teacher': (dict(lambda_vision=1.2, lambda_cluster=0.3, lambda_nouns=0.8, noun_bank=True, ema_momentum=0.9,
-                                    noun_template='an image of a {}.', cluster_warmup=3), None),
+                                    noun_template='an image of a {}.', noun_pool='patches', noun_loss='any', noun_tau=0.3,
+                                    cluster_warmup=3), None),
 }
 
 
@@ -1652,7 +1653,7 @@ def test_model_forward_every_term_against_its_formula(case):
     assert set(out) == set(terms) | {'loss', 'logit_scale'}
     for k, v in terms.items():
         assert not out[k].requires_grad and float(out[k]) == pytest.approx(float(v.detach()), rel=1e-5, abs=1e-6), k
-    assert float(out['loss'].detach()) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6) and float(out['logit_scale']) == pytest.approx(float(m.clip.logit_scale.exp()))
+    assert float(out['loss'].detach()) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6) and float(out['logit_scale']) == pytest.approx(float(m.clip.logit_scale.detach().exp()))
     loss.backward()
     want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys() and any(n.startswith('head.') for n in got)
@@ -1668,10 +1669,10 @@ def test_model_forward_weights_tokens_and_errors():
     batch = _model_batch()
     for step, w in ((0, 0.0), (2, 0.5), (8, 2.0), (80, 2.0), (None, 2.0)):
         o = m(batch, step=step)
-        assert float(o['loss']) == pytest.approx(float(o['cross'] + o['vision'] + w * o['cluster']), rel=1e-6), step
+        assert float(o['loss'].detach()) == pytest.approx(float(o['cross'] + o['vision'] + w * o['cluster']), rel=1e-6), step
     m.cfg.cluster_warmup = 0
     o = m(batch, step=0)
-    assert float(o['loss']) == pytest.approx(float(o['cross'] + o['vision'] + 2.0 * o['cluster']), rel=1e-6)
+    assert float(o['loss'].detach()) == pytest.approx(float(o['cross'] + o['vision'] + 2.0 * o['cluster']), rel=1e-6)
     tok = dict({k: v for k, v in batch.items() if k != 'caption'}, tokens=m.tokenizer(batch['caption']))
     assert float(m(tok)['cross']) == pytest.approx(float(o['cross']), rel=1e-6)
     bare = {'global': batch['global'], 'caption': batch['caption']}
@@ -1817,3 +1818,68 @@ def test_evaluate_localization_auc_subsample_of_a_rare_side(monkeypatch):
     rare_bg = torch.ones(25, 40, dtype=torch.long); rare_bg[0, :2] = 0               # 2 background pixels of 1000
     ev.localization_auc(m, Items([img], [rare_bg], ['bg', 'cat', 'dog']), max_pixels=100, progress=False)
     assert (seen['p'], seen['n']) == (99, 1)                                         # k = 99, 100 - k = 1
+
+
+def test_model_forward_dense_features_only_where_needed(monkeypatch):
+    """The global view's dense read-out is computed only for a term that uses patches (clustering, attentive pooling,
+    patch-pooled nouns; `dense='none'` otherwise: the plain CLIP step pays for no dense read-out), the local crops never
+    need it; a term whose weight is 0 is not computed even when its views are in the batch."""
+    import vilseg.vilseg as V
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    seen = []
+    real = V.image_features
+    def spy(clip, x, dense='tokens', **kw): seen.append((tuple(x.shape), dense)); return real(clip, x, dense=dense, **kw)
+    monkeypatch.setattr(V, 'image_features', spy)
+    cases = [(dict(lambda_cluster=0.0), 'none'), (dict(lambda_cluster=0.0, cross_pool='attn'), 'tokens'),
+             (dict(lambda_cluster=0.0, lambda_nouns=0.5, noun_pool='patches'), 'tokens'),
+             (dict(lambda_cluster=0.0, lambda_nouns=0.5, noun_pool='image'), 'none'),
+             (dict(lambda_cluster=0.5, dense_features='value'), 'value')]
+    batch = _model_batch()
+    for kw, dense in cases:
+        torch.manual_seed(0)
+        m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, **kw)).train()
+        if m.cfg.lambda_nouns > 0: m.set_noun_vocab(['star', 'ring', 'box'])
+        seen.clear()
+        out = m(batch)
+        assert seen[0] == ((4, 3, 32, 32), dense) and seen[1] == ((8, 3, 16, 16), 'none'), (kw, seen)
+        assert ('cluster' in out) == (m.cfg.lambda_cluster > 0), kw
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_vision=0.0, lambda_cluster=0.0))
+    seen.clear()
+    assert set(m(batch)) == {'cross', 'loss', 'logit_scale'} and len(seen) == 1
+
+
+def test_model_forward_errors_after_a_config_change():
+    "A pooling or noun-bank setting changed after the model was built is named, not silently misread."
+    from vilseg.vilseg import ViLSeg, ViLSegConfig
+    m = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16))
+    m.cfg.cross_pool = 'max'
+    with pytest.raises(ValueError, match="^cross_pool must be 'mean' or 'attn', got 'max'$"): m(_model_batch())
+    n = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_nouns=1.0))
+    n.set_noun_vocab(['star']); n.cfg.noun_bank = True
+    with pytest.raises(RuntimeError, match=r'^noun_bank=True needs a noun vocabulary: call set_noun_vocab \(train does\)$'): n(_model_batch())
+
+
+def test_model_forward_cluster_loss_gathers_under_two_ranks(monkeypatch):
+    """`ViLSeg.cluster_loss` in a simulated 2-rank world (tests/test_losses_formulas.py `TwoRanks`): by default the
+    joint distribution of both ranks' patch pairs (the IIC loss of the joint batch), with `gather=False` this rank's alone."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_losses_formulas import TwoRanks
+    from vilseg.losses import iic_loss
+    from vilseg.views import align_to_pair
+    m = _micro()
+    g = torch.Generator().manual_seed(2)
+    D = m.clip.visual.output_dim
+    zg, zp = torch.randn(2, 4, 4, D, generator=g), torch.randn(2, 4, 4, D, generator=g)
+    box, flip = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.75, 0.75]]), torch.tensor([False, True])
+    with torch.no_grad():
+        q1 = align_to_pair(m.head.assign(zg).permute(0, 3, 1, 2), box, flip, (4, 4)).permute(0, 2, 3, 1).reshape(-1, 4)
+        q2 = m.head.assign(zp).reshape(-1, 4)
+        pq1, pq2 = torch.randn(40, 4, generator=g).mul(2).softmax(-1), torch.randn(40, 4, generator=g).mul(2).softmax(-1)
+        joint = iic_loss(torch.cat([q1, pq1]), torch.cat([q2, pq2]), m.cfg.iic_lambda, gather=False)
+        alone = iic_loss(q1, q2, m.cfg.iic_lambda, gather=False)
+        TwoRanks(monkeypatch, 0, [pq1.T @ pq2, torch.tensor(40.)])
+        assert float(m.cluster_loss(zg, zp, box, flip)) == pytest.approx(float(joint), rel=1e-5)
+        assert float(m.cluster_loss(zg, zp, box, flip, gather=False)) == pytest.approx(float(alone), rel=1e-5)
+        assert abs(float(joint) - float(alone)) > 1e-3

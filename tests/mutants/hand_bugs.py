@@ -1,4 +1,4 @@
-"""Plausible single-line bugs of issue 26, each put into a copy of the package; the test selection that must fail.
+"""Plausible single-line bugs, each put into a copy of the package; the test selection that must fail.
 
     python tests/mutants/hand_bugs.py [--only ID ...]
 
@@ -62,6 +62,12 @@ BUGS = {
     'ddp-gather-grad-none': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=None', 'recipe_gradients and demo', 'test_ddp_exact.py'),
     'ddp-gather-grad-default': ('losses.py', 'gather_with_grad=ws > 1, ', '', 'recipe_gradients and demo', 'test_ddp_exact.py'),
     'ddp-gather-grad-ws2': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=ws > 2', 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    # the noun bank's distillation without its words: each rank distills its own nouns, not the distinct nouns of all
+    # ranks (mutmut's x_forward #222, #226: at one process gather_prompts returns its input, so only 2 processes show it)
+    'ddp-bank-distill-words-none': ('vilseg.py', "out['bank_distill'] = bank_distill_loss(pe, be, scale, words)",
+                                    "out['bank_distill'] = bank_distill_loss(pe, be, scale, None)", 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    'ddp-bank-distill-words-default': ('vilseg.py', "out['bank_distill'] = bank_distill_loss(pe, be, scale, words)",
+                                       "out['bank_distill'] = bank_distill_loss(pe, be, scale, )", 'recipe_gradients and demo', 'test_ddp_exact.py'),
 }
 
 

@@ -1883,3 +1883,167 @@ def test_model_forward_cluster_loss_gathers_under_two_ranks(monkeypatch):
         assert float(m.cluster_loss(zg, zp, box, flip)) == pytest.approx(float(joint), rel=1e-5)
         assert float(m.cluster_loss(zg, zp, box, flip, gather=False)) == pytest.approx(float(alone), rel=1e-5)
         assert abs(float(joint) - float(alone)) > 1e-3
+
+
+def _voc_fixture(root):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_protocols import write_voc
+    return write_voc(root)
+
+
+def test_protocols_run_protocol_wiring(protocols_run, tmp_path, monkeypatch):
+    """`run_protocol` hands `evaluate` the preset's settings, the dataset and class names of the protocol, the model's
+    own dense read-out by default, and per reference variant its queries, decision rule (equal to SCLIP's or TCL's rule
+    with the preset's values; no background: no background rule), pixel normalisation and PAMR setting, which hold
+    during the evaluation only (also when it fails). `evaluate` is replaced by a recorder."""
+    from types import SimpleNamespace as NS
+    from dataclasses import asdict
+    import vilseg
+    import vilseg.protocols as P
+    from vilseg.segdata import read_class_names
+    root = _voc_fixture(tmp_path / 'VOC2012')
+    calls = []
+    def rec(model, ds, **kw):
+        cfg = getattr(model, 'cfg', None)
+        calls.append(dict(kw, ds=ds, pamr=None if cfg is None else (cfg.pamr_iters, cfg.pamr_dilations, cfg.pamr_scale)))
+        if kw.get('max_images') == 99: raise RuntimeError('failed')
+        return dict(miou=0.5)
+    monkeypatch.setattr(P, 'evaluate', rec)
+    model = NS(cfg=NS(dense_features='value', pamr_iters=3, pamr_dilations=(1, 2), pamr_scale=1.0))
+    names21 = read_class_names(Path(vilseg.__file__).parent / 'classes' / 'voc21.txt')
+    r = P.run_protocol(model, 'voc21', root)
+    c = calls[-1]
+    want = dict(class_names=names21, method='cluster', bg_index=0, bg_threshold=0.1, thresholds=None, batch_size=1, max_images=None,
+                templates=P.TEMPLATE_SETS['imagenet80'], window=448, stride=224, short_side=448, bg_score='prob', prob_scale=100.0,
+                dense='value', device='cpu', progress=True, seen=None, unseen=None, resize='antialias')
+    assert {k: c[k] for k in want} == want and set(c) == set(want) | {'ds', 'pamr'}
+    assert c['ds'].split == 'val' and len(c['ds']) == 2 and c['pamr'] == (3, (1, 2), 1.0)
+    assert r == dict(miou=0.5, protocol=asdict(P.get_protocol('voc21')), dense='value', class_names=[n[0] for n in names21],
+                     data=str(root), split='val')
+    P.run_protocol(NS(), 'voc21', root, method='dense', split='val', max_images=1, thresholds=[0.2], device='cpu:0', progress=False,
+                   seen=[0, 1], unseen=[2], short_side=None, window=None, bg_threshold=0.25)
+    c = calls[-1]
+    assert (c['method'], c['dense'], c['batch_size'], c['max_images'], c['thresholds'], c['device'], c['progress'], c['seen'], c['unseen'],
+            c['short_side'], c['window'], c['bg_threshold'], c['pamr']) == ('dense', 'tokens', 32, 1, [0.2], 'cpu:0', False, [0, 1], [2], None, None, 0.25, None)
+    assert P.run_protocol(NS(), 'voc21', root, short_side=None)['dense'] == 'tokens' and calls[-1]['batch_size'] == 1   # a window: one at a time
+    g = torch.Generator().manual_seed(0)
+    for name, variant in (('voc21', 'sclip'), ('voc20', 'sclip'), ('voc21', 'tcl'), ('voc20', 'tcl')):
+        p = P.get_protocol(name, variant, prob_thd=0.3, area_thd=0.2) if variant == 'sclip' else P.get_protocol(name, variant)
+        r = P.run_protocol(model, p, root)
+        c = calls[-1]
+        _, names, _ = P.protocol_dataset(p, root)
+        queries, qc = P.protocol_queries(p, names)
+        assert c['queries'] == queries and c['class_names'] == names and c['resize'] == 'mmseg' and c['templates'] == P.TEMPLATE_SETS[p.templates]
+        s = torch.rand(len(queries), 5, 7, generator=g) * 0.5
+        if variant == 'sclip':
+            want = P.sclip_decision(s, qc, len(names), p.prob_scale, 0.3, 0.2) if p.background else P.sclip_decision(s, qc, len(names), p.prob_scale)
+            assert 'pixel_mean' not in c and c['pamr'] == (0, (1, 2), 1.0) and c['prob_scale'] == (65.0 if name == 'voc21' else 40.0)
+        else:
+            want = P.constant_decision(s, qc, len(names), 0.4 if p.background else None, 'tcl_kp')
+            assert (c['pixel_mean'], c['pixel_std']) == P.IMAGENET_MEAN_STD and c['pamr'] == (10, (1, 2, 4, 8, 12, 24), 0.25)
+        assert torch.equal(c['decide'](s), want), (name, variant)
+        assert (model.cfg.pamr_iters, model.cfg.pamr_dilations, model.cfg.pamr_scale) == (3, (1, 2), 1.0)       # restored
+    with pytest.raises(RuntimeError, match='failed'): P.run_protocol(model, P.get_protocol('voc21', 'tcl'), root, max_images=99)
+    assert calls[-1]['pamr'][0] == 10 and (model.cfg.pamr_iters, model.cfg.pamr_dilations, model.cfg.pamr_scale) == (3, (1, 2), 1.0)
+
+
+def test_protocols_dataset_splits_names_and_checks(protocols_run, tmp_path):
+    """`protocol_dataset`: the split asked for, else the protocol's, else the benchmark's; the protocol's class-name file
+    (query words may repeat across classes) checked against the benchmark's class count and, for the threshold rule,
+    class 0 being background (the world's own names are not checked)."""
+    from vilseg.core import VilsegDataError
+    from vilseg.protocols import protocol_dataset, get_protocol, Protocol
+    base, world, ck, _ = protocols_run
+    root = _voc_fixture(tmp_path / 'VOC2012')
+    ds, names, bg = protocol_dataset(get_protocol('world'), world)
+    assert (ds.split, len(ds), bg, names[0][0]) == ('val', 3, 0, 'background')
+    assert protocol_dataset(get_protocol('world', split='train'), world)[0].split == 'train'
+    assert len(protocol_dataset(get_protocol('world'), world, 'train')[0]) == 4
+    assert protocol_dataset(get_protocol('world', background=False), world)[2] is None
+    ds, names, bg = protocol_dataset(get_protocol('voc21'), root)
+    assert (ds.split, bg, len(names)) == ('val', 0, 21)
+    with pytest.raises(VilsegDataError, match='train'): protocol_dataset(get_protocol('voc21'), root, 'train')
+    s_names = protocol_dataset(get_protocol('voc21', 'sclip'), root)[1]
+    assert len(s_names) == 21 and len(s_names[0]) == 26                    # repeated words accepted (unique=False)
+    f = tmp_path / 'three.txt'; f.write_text('background\ncat\ndog\n')
+    with pytest.raises(ValueError, match=f'^{f}: 3 classes, but voc21 has 21$'):
+        protocol_dataset(get_protocol('voc21', class_names_file=str(f)), root)
+    sky = tmp_path / 'sky.txt'; sky.write_text('\n'.join(['sky'] + [f'c{i}' for i in range(20)]) + '\n')
+    with pytest.raises(ValueError, match=r"^voc21: expected class 0 to be background, got \['sky'\]$"):
+        protocol_dataset(get_protocol('voc21', class_names_file=str(sky)), root)
+    assert protocol_dataset(get_protocol('voc21', 'tcl', class_names_file=str(sky)), root)[1][0] == ['sky']   # the constant rule: no check
+    (world / 'class_names.txt').write_text((world / 'class_names.txt').read_text().replace('background', 'void', 1))
+    try: assert protocol_dataset(get_protocol('world'), world)[1][0][0] == 'void'
+    finally: (world / 'class_names.txt').write_text((world / 'class_names.txt').read_text().replace('void', 'background', 1))
+
+
+def test_protocols_write_results_files_table_and_figure(protocols_run, tmp_path, monkeypatch):
+    """`write_results`: metrics.json, per_class.csv (the per-class table, no index column) and per_class.png at fixed
+    names; the figure drawn from the per-class IoU with a title naming preset, method, non-default read-out and mIoU;
+    no figure left open."""
+    import pandas as pd
+    import matplotlib.pyplot as plt
+    import vilseg.viz as viz
+    from vilseg.protocols import write_results
+    from vilseg.metrics import per_class_table
+    r = dict(miou=0.1234, iou=[0.5, float('nan'), 0.25], acc=[0.6, float('nan'), 0.3], gt_pixels=[10, 0, 4], method='dense',
+             dense='value', class_names=['background', 'cat', 'dog'], protocol={'name': 'voc21'})
+    out = tmp_path / 'res'
+    paths = write_results(r, out)
+    assert paths == dict(metrics=out / 'metrics.json', per_class=out / 'per_class.csv', figure=out / 'per_class.png')
+    got = pd.read_csv(paths['per_class'])
+    pd.testing.assert_frame_equal(got, per_class_table(r, r['class_names']))
+    assert plt.get_fignums() == [] and paths['figure'].stat().st_size > 1000
+    drawn = []
+    monkeypatch.setattr(viz, 'plot_per_class', lambda df, path=None, title='': drawn.append((df, path, title)))
+    write_results(r, tmp_path / 'b')
+    write_results(dict(r, dense='tokens', method='cluster'), tmp_path / 'c')
+    (df, path, title), (_, _, title2) = drawn
+    assert title == 'voc21 (dense, value): mIoU 0.123' and title2 == 'voc21 (cluster): mIoU 0.123' and path == tmp_path / 'b' / 'per_class.png'
+    pd.testing.assert_frame_equal(df, pd.DataFrame({'dense': r['iou']}, index=r['class_names']))
+
+
+def test_protocols_variants_override_a_custom_protocol_and_load_errors(protocols_run, tmp_path):
+    """A reference variant sets every field it defines, also where a protocol of one's own had changed it; a checkpoint
+    whose weights lack one tensor is named with the line of torch's message that says which."""
+    from vilseg.protocols import get_protocol, Protocol, load_model
+    from vilseg.core import VilsegDataError, atomic_save, load_checkpoint
+    mine = Protocol('mine', 'voc21', background=True, short_side=300, window=96, stride=48, templates='short', pixel_norm='imagenet',
+                    synonyms='max', score_map='tcl_kp', prob_thd=0.5, area_thd=0.3, pamr_dilations=(1, 2), bg_rule='query')
+    s = get_protocol(mine, 'sclip')
+    assert (s.templates, s.pixel_norm, s.score_map, s.pamr_dilations, s.short_side, s.window, s.stride) == ('imagenet80', 'clip', 'cosine', None, 336, 224, 112)
+    t = get_protocol(mine, 'tcl')
+    assert (t.short_side, t.window, t.stride, t.synonyms, t.prob_thd, t.area_thd) == (448, 448, 224, 'average', 0.0, None)
+    base, world, ck, sd = protocols_run
+    c = load_checkpoint(ck)
+    key = next(k for k in sd if k.startswith('head.'))
+    atomic_save({'model': {k: v for k, v in sd.items() if k != key}, 'config': c['config']}, tmp_path / 'missing.pt')
+    with pytest.raises(VilsegDataError) as e: load_model(tmp_path / 'missing.pt')
+    assert str(e.value).endswith(f'its weights do not fit the vilseg-micro model its config names (Missing key(s) in state_dict: "{key}".)')
+
+
+def test_protocols_field_and_template_errors():
+    "Every protocol field and template check, each error message exact; the stride's bounds inclusive of 1 and the window."
+    from dataclasses import fields
+    from vilseg.protocols import get_protocol, get_templates, Protocol, TEMPLATE_SETS
+    known = sorted(f.name for f in fields(Protocol))
+    with pytest.raises(ValueError) as e: get_protocol('voc21', foo=1, bar=2)
+    assert str(e.value) == f"unknown protocol field(s) ['bar', 'foo']; fields: {known}"
+    with pytest.raises(ValueError, match=r"^bg_score must be 'prob' or 'cosine', got 'max'$"): get_protocol('voc21', bg_score='max')
+    for f, ok in (('resize', ('antialias', 'mmseg')), ('pixel_norm', ('clip', 'imagenet')), ('synonyms', ('average', 'max')),
+                  ('bg_rule', ('threshold', 'query', 'constant')), ('score_map', ('cosine', 'tcl_kp'))):
+        with pytest.raises(ValueError) as e: get_protocol('voc21', **{'bg_rule': 'query', f: 'x'})
+        assert str(e.value) == f"{f} must be one of {ok}, got 'x'"
+    with pytest.raises(ValueError) as e: get_protocol('voc21', synonyms='max')
+    assert str(e.value) == "the threshold rule averages synonyms (synonyms='average')"
+    assert get_protocol('voc21', bg_rule='query', synonyms='max').synonyms == 'max'
+    assert get_protocol('voc21', stride=1).stride == 1 and get_protocol('voc21', stride=448).stride == 448
+    with pytest.raises(ValueError, match=r'^ade150: the sliding window needs 0 < stride <= window \(window=448, stride=449\)$'):
+        get_protocol('ade150', stride=449)
+    assert get_templates('tcl') is TEMPLATE_SETS['tcl'] and get_templates(('a {}.', 'the {}')) == ['a {}.', 'the {}']
+    with pytest.raises(ValueError) as e: get_templates('nope')
+    assert str(e.value) == f"unknown template set 'nope'; known: {list(TEMPLATE_SETS)}"
+    with pytest.raises(ValueError) as e: get_templates(['a {}.', 'no slot', '{} and {}', 'x', 'y'])
+    assert str(e.value) == "templates need exactly one {} each; bad: ['no slot', '{} and {}', 'x']"
+    with pytest.raises(ValueError, match=r'^templates need exactly one \{\} each; bad: \[\]$'): get_templates([])

@@ -1830,7 +1830,8 @@ def test_model_forward_dense_features_only_where_needed(monkeypatch):
     real = V.image_features
     def spy(clip, x, dense='tokens', **kw): seen.append((tuple(x.shape), dense)); return real(clip, x, dense=dense, **kw)
     monkeypatch.setattr(V, 'image_features', spy)
-    cases = [(dict(lambda_cluster=0.0), 'none'), (dict(lambda_cluster=0.0, cross_pool='attn'), 'tokens'),
+    cases = [(dict(lambda_cluster=0.0), 'none'), (dict(lambda_cluster=0.0, noun_pool='patches'), 'none'),   # no noun term: no patches
+             (dict(lambda_cluster=0.0, cross_pool='attn'), 'tokens'),
              (dict(lambda_cluster=0.0, lambda_nouns=0.5, noun_pool='patches'), 'tokens'),
              (dict(lambda_cluster=0.0, lambda_nouns=0.5, noun_pool='image'), 'none'),
              (dict(lambda_cluster=0.5, dense_features='value'), 'value')]

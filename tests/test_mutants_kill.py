@@ -1907,7 +1907,7 @@ def test_protocols_run_protocol_wiring(protocols_run, tmp_path, monkeypatch):
     calls = []
     def rec(model, ds, **kw):
         cfg = getattr(model, 'cfg', None)
-        calls.append(dict(kw, ds=ds, pamr=None if cfg is None else (cfg.pamr_iters, cfg.pamr_dilations, cfg.pamr_scale)))
+        calls.append(dict(kw, ds=ds, pamr=None if not hasattr(cfg, 'pamr_iters') else (cfg.pamr_iters, cfg.pamr_dilations, cfg.pamr_scale)))
         if kw.get('max_images') == 99: raise RuntimeError('failed')
         return dict(miou=0.5)
     monkeypatch.setattr(P, 'evaluate', rec)
@@ -1936,17 +1936,21 @@ def test_protocols_run_protocol_wiring(protocols_run, tmp_path, monkeypatch):
         _, names, _ = P.protocol_dataset(p, root)
         queries, qc = P.protocol_queries(p, names)
         assert c['queries'] == queries and c['class_names'] == names and c['resize'] == 'mmseg' and c['templates'] == P.TEMPLATE_SETS[p.templates]
-        s = torch.rand(len(queries), 5, 7, generator=g) * 0.5
+        s = torch.rand(len(queries), 5, 7, generator=g) * 0.42          # best class scores on both sides of TCL's 0.4
         if variant == 'sclip':
             want = P.sclip_decision(s, qc, len(names), p.prob_scale, 0.3, 0.2) if p.background else P.sclip_decision(s, qc, len(names), p.prob_scale)
             assert 'pixel_mean' not in c and c['pamr'] == (0, (1, 2), 1.0) and c['prob_scale'] == (65.0 if name == 'voc21' else 40.0)
         else:
             want = P.constant_decision(s, qc, len(names), 0.4 if p.background else None, 'tcl_kp')
+            assert p.background == (not torch.equal(want, P.constant_decision(s, qc, len(names), 0.4 if p.background else None, 'cosine')))
             assert (c['pixel_mean'], c['pixel_std']) == P.IMAGENET_MEAN_STD and c['pamr'] == (10, (1, 2, 4, 8, 12, 24), 0.25)
         assert torch.equal(c['decide'](s), want), (name, variant)
         assert (model.cfg.pamr_iters, model.cfg.pamr_dilations, model.cfg.pamr_scale) == (3, (1, 2), 1.0)       # restored
     with pytest.raises(RuntimeError, match='failed'): P.run_protocol(model, P.get_protocol('voc21', 'tcl'), root, max_images=99)
     assert calls[-1]['pamr'][0] == 10 and (model.cfg.pamr_iters, model.cfg.pamr_dilations, model.cfg.pamr_scale) == (3, (1, 2), 1.0)
+    base, world, ck, _ = protocols_run
+    P.run_protocol(NS(cfg=NS(dense_features='tokens')), P.get_protocol('world', 'vilseg'), world, split='train')   # no PAMR fields
+    assert calls[-1]['ds'].split == 'train' and calls[-1]['pamr'] is None
 
 
 def test_protocols_dataset_splits_names_and_checks(protocols_run, tmp_path):
@@ -1961,7 +1965,12 @@ def test_protocols_dataset_splits_names_and_checks(protocols_run, tmp_path):
     assert (ds.split, len(ds), bg, names[0][0]) == ('val', 3, 0, 'background')
     assert protocol_dataset(get_protocol('world', split='train'), world)[0].split == 'train'
     assert len(protocol_dataset(get_protocol('world'), world, 'train')[0]) == 4
-    assert protocol_dataset(get_protocol('world', background=False), world)[2] is None
+    ds0, names0, bg0 = protocol_dataset(get_protocol('world', background=False), world)
+    assert bg0 is None and names0 == names[1:] and ds0.class_names == names[1:]          # the world read without its background class
+    assert protocol_dataset(get_protocol('world', split=None), world)[0].split == 'val'
+    dup = tmp_path / 'dup.txt'; dup.write_text('background\ncat, kitty\nkitty\n')
+    world_dup = get_protocol('world', class_names_file=str(dup))
+    with pytest.raises(VilsegDataError, match="duplicate class name 'kitty'"): protocol_dataset(world_dup, world)   # one name, two classes
     ds, names, bg = protocol_dataset(get_protocol('voc21'), root)
     assert (ds.split, bg, len(names)) == ('val', 0, 21)
     with pytest.raises(VilsegDataError, match='train'): protocol_dataset(get_protocol('voc21'), root, 'train')

@@ -998,7 +998,7 @@ def test_proposals_class_loss_and_relations_by_hand():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(5, 4, generator=g, requires_grad=True)
     target, matched = torch.tensor([1, 0, 2, 3, 1]), torch.tensor([True, False, True, False, False])
-    ce = lambda i, c: float(-logits[i].log_softmax(-1)[c])
+    ce = lambda i, c: float(-logits[i].detach().log_softmax(-1)[c])
     loss, n = class_loss(logits, target, matched, background=True, eos_coef=0.25)
     want = ce(0, 1) + ce(2, 2) + 0.25 * (ce(1, 3) + ce(3, 3) + ce(4, 3))          # unmatched -> the last column
     assert float(loss) == pytest.approx(want, rel=1e-5) and n == pytest.approx(2 + 3 * 0.25)

@@ -1971,6 +1971,11 @@ def test_protocols_dataset_splits_names_and_checks(protocols_run, tmp_path):
     dup = tmp_path / 'dup.txt'; dup.write_text('background\ncat, kitty\nkitty\n')
     world_dup = get_protocol('world', class_names_file=str(dup))
     with pytest.raises(VilsegDataError, match="duplicate class name 'kitty'"): protocol_dataset(world_dup, world)   # one name, two classes
+    lines = [l for l in (world / 'class_names.txt').read_text().splitlines() if l.strip()]
+    shared = tmp_path / 'shared.txt'; shared.write_text('\n'.join(lines[:2] + [lines[2] + ', ' + lines[1].split(',')[0]] + lines[3:]) + '\n')
+    q = protocol_dataset(get_protocol('world', bg_rule='query', synonyms='max', class_names_file=str(shared)), world)[1]
+    assert q[2][-1] == q[1][0]                                             # query words may repeat across classes
+    with pytest.raises(VilsegDataError, match='duplicate class name'): protocol_dataset(get_protocol('world', class_names_file=str(shared)), world)
     ds, names, bg = protocol_dataset(get_protocol('voc21'), root)
     assert (ds.split, bg, len(names)) == ('val', 0, 21)
     with pytest.raises(VilsegDataError, match='train'): protocol_dataset(get_protocol('voc21'), root, 'train')

@@ -94,8 +94,8 @@ test-fast: $(STAMP)
 # module its own fast test selection (never tests/test_notebooks.py: its export-consistency check would kill every
 # mutant for the wrong reason) and runs mutmut in a copy under runs/mutants/work/ (the package is never touched).
 # Budget: at most MUTANT_MINUTES of wall clock per module (mutants left over are reported as not checked), MUTANT_JOBS
-# modules at once (one thread each): the 9 modules take at most 5 x 30 min = 2 h 30 min, niced; measured on 2 cores:
-# about 40 min (protocols, the longest, 19 min).
+# modules at once (one thread each): the 9 modules take at most 5 x 30 min = 2 h 30 min, niced; on 2 cores the 8
+# modules other than protocols took 20.5 min with protocols (19 min) running beside them.
 MUTANT_MODULES ?= metrics evaluate clustering losses readout model protocols proposals zeroshot
 MUTANT_MINUTES ?= 30
 MUTANT_JOBS ?= 2

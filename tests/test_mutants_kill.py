@@ -1683,9 +1683,16 @@ def test_model_forward_weights_tokens_and_errors():
     with pytest.raises(RuntimeError, match='^lambda_nouns > 0 needs a noun vocabulary: call set_noun_vocab \\(train does\\)$'): n(batch)
     n.set_noun_vocab(['star'])
     with pytest.raises(ValueError, match="^lambda_nouns > 0 needs the batch's 'caption' strings$"): n(tok)
-    # a rank whose captions hold no vocabulary noun still returns a noun term (DDP's gathers stay in step)
-    o = n({'global': batch['global'], 'caption': ['two blue rings'] * 4})
-    assert 'nouns' in o and torch.isfinite(o['nouns'])
+    # a rank whose captions hold no vocabulary noun still returns its noun terms, 0 (DDP's gathers stay in step), also
+    # with the noun bank (no prompt rows, no bank rows)
+    bare = {'global': batch['global'], 'caption': ['two blue rings'] * 4}
+    assert float(n(bare)['nouns']) == 0.0
+    torch.manual_seed(0)
+    nb = ViLSeg(ViLSegConfig(model='vilseg-micro', n_clusters=4, head_hidden=16, lambda_nouns=1.0, noun_bank=True))
+    nb.set_noun_vocab(['star', 'heart'])
+    o = nb(bare)
+    assert (float(o['nouns']), float(o['nouns_bank']), float(o['bank_distill'])) == (0.0, 0.0, 0.0)
+    o['loss'].backward()
 
 
 class _Bar:
@@ -1728,7 +1735,8 @@ def test_zeroshot_evaluate_batches_resize_bar_and_time(monkeypatch):
     class Backbone(_StubBackbone):
         def text(self, class_names, templates=None): texts.append((class_names, templates)); return self._text
     monkeypatch.setattr(zs, 'zeroshot_scores', fake_scores); monkeypatch.setattr(zs, 'tqdm', _Bar)
-    monkeypatch.setattr(zs, 'time', NS(perf_counter=iter([10.0, 11.23456] * 4).__next__))
+    ticks = itertools.cycle([10.0, 11.23456])                                    # start, end of each evaluation
+    monkeypatch.setattr(zs, 'time', NS(perf_counter=lambda: next(ticks)))
     names, dec = [['background'], ['cat'], ['dog']], _StubDecoder(None, None, False)
     g = torch.Generator().manual_seed(0)
     def item(h, w): return {'image': torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), 'label': torch.zeros(h, w, dtype=torch.long)}
@@ -2062,3 +2070,24 @@ def test_protocols_field_and_template_errors():
     with pytest.raises(ValueError) as e: get_templates(['a {}.', 'no slot', '{} and {}', 'x', 'y'])
     assert str(e.value) == "templates need exactly one {} each; bad: ['no slot', '{} and {}', 'x']"
     with pytest.raises(ValueError, match=r'^templates need exactly one \{\} each; bad: \[\]$'): get_templates([])
+
+
+def test_proposals_criterion_classes_from_the_vocabulary_and_two_rank_normalisers(monkeypatch):
+    """The label range is the vocabulary's (the class columns), not the number of queries: 3 queries and 5 classes
+    take label 4, and refuse 5. Under DDP the normalisers are the global counts over the world size: with a peer
+    holding the same counts, every term equals the single-process one (a simulated 2-rank world)."""
+    import vilseg.proposals as PR
+    g = torch.Generator().manual_seed(4)
+    out = {'logits': torch.randn(1, 3, 5, generator=g), 'masks': torch.randn(1, 3, 2, 3, generator=g), 'sim': torch.randn(1, 3, 5, generator=g)}
+    labels = torch.tensor([[[4, 4, 0], [0, 2, 255]]])
+    crit = PR.ProposalCriterion(PR.LossConfig(rank='pairwise'))
+    R = PR.text_relations(torch.randn(5, 4, generator=g))
+    one = crit(out, labels, R)
+    assert one['matched'] == 3.0
+    with pytest.raises(ValueError, match=r'^label values \[0, 5\] outside \[0, 5\) and not 255$'):
+        crit(out, torch.tensor([[[5, 5, 0], [0, 0, 255]]]), R)
+    monkeypatch.setattr(PR, '_world_size', lambda: 2)
+    monkeypatch.setattr(PR, '_global_sum', lambda x, device: 2 * float(x))       # the peer's count equals this rank's
+    two = crit(out, labels, R)
+    for k in ('class', 'mask', 'dice', 'rank', 'loss'):
+        assert float(two[k]) == pytest.approx(float(one[k]), rel=1e-6), k

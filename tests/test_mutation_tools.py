@@ -63,6 +63,9 @@ def x_f__mutmut_3(a, b=2):
     return a + b
 def x_f__mutmut_4(a, b=1):
     return a + b
+def x_f__mutmut_5(a, b=1):
+    "XXAdds.XX"
+    return a * b
 class C:
     def xǁCǁg__mutmut_orig(self):
         "G."
@@ -74,7 +77,7 @@ class C:
         "G."
         return 2
 ''')
-    keys = ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_2', 'pkg.m.x_f__mutmut_3', 'pkg.m.x_f__mutmut_4',
+    keys = ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_2', 'pkg.m.x_f__mutmut_3', 'pkg.m.x_f__mutmut_4', 'pkg.m.x_f__mutmut_5',
             'pkg.m.xǁCǁg__mutmut_1', 'pkg.m.xǁCǁg__mutmut_2', 'pkg.m.x_missing__mutmut_1']
     assert docstring_only(f, keys) == ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_4', 'pkg.m.xǁCǁg__mutmut_1']
     funcs = mutated_functions(f)

@@ -79,8 +79,8 @@ class C:
 ''')
     keys = ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_2', 'pkg.m.x_f__mutmut_3', 'pkg.m.x_f__mutmut_4', 'pkg.m.x_f__mutmut_5',
             'pkg.m.xǁCǁg__mutmut_1', 'pkg.m.xǁCǁg__mutmut_2', 'pkg.m.x_missing__mutmut_1']
-    assert docstring_only(f, keys) == ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_4', 'pkg.m.xǁCǁg__mutmut_1']
     funcs = mutated_functions(f)
+    assert docstring_only(funcs, keys) == ['pkg.m.x_f__mutmut_1', 'pkg.m.x_f__mutmut_4', 'pkg.m.xǁCǁg__mutmut_1']
     assert mutant_diff(funcs, 'pkg.m.x_f__mutmut_2').split('\n')[1:] == [' def f(a, b=1):', '     "Adds."', '-    return a + b', '+    return a - b']
     assert mutant_diff(funcs, 'pkg.m.xǁCǁg__mutmut_2').split('\n')[-2:] == ['-    return 1', '+    return 2']
 
@@ -91,3 +91,11 @@ def test_every_module_selection_names_existing_files_and_no_notebook_test():
         files = [a for a in spec['tests'] if a.startswith('tests/')]
         assert files and all((ROOT / a).is_file() for a in files), name
         assert not any('test_notebooks' in a for a in spec['tests']), name
+
+
+def test_every_hand_bug_names_one_place_of_the_package():
+    "Each bug of tests/mutants/hand_bugs.py replaces text that occurs exactly once in its module (a stale entry would not run)."
+    from hand_bugs import BUGS
+    for name, (mod, old, new, sel, *tf) in BUGS.items():
+        assert (ROOT / 'vilseg' / mod).read_text().count(old) == 1, name
+        assert old != new and (ROOT / 'tests' / (tf[0] if tf else 'test_wiring.py')).is_file(), name

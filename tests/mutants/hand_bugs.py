@@ -11,7 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / 'tests' / 'test_wiring.py'
 
-# id: (module, old text, new text, -k selection)
+# id: (module, old text, new text, -k selection[, test file])
+RECIPE_2P = ('recipe_gradients and demo', 'test_ddp_exact.py')          # the demo recipe's 2-process gradient test
+DISTILL = "out['bank_distill'] = bank_distill_loss(pe, be, scale, {})"
+WARN = "'open_clip tag or a weights file)', UserWarning{})"
 BUGS = {
     'slide-overwrite': ('evaluate.py', 'out[..., y:y + wh, x:x + ww] += s', 'out[..., y:y + wh, x:x + ww] = s', 'slide or sliding'),
     'slide-count': ('evaluate.py', 'cnt[..., y:y + wh, x:x + ww] += 1', 'cnt[..., y:y + wh, x:x + ww] = 1', 'slide or sliding'),
@@ -27,7 +30,7 @@ BUGS = {
     'eval-seen-dropped': ('evaluate.py', 'cms = {t: ConfusionMatrix(C, seen=seen, unseen=unseen) for t in ths}', 'cms = {t: ConfusionMatrix(C) for t in ths}', 'seen'),
     'eval-result-key': ('evaluate.py', 'res = cms[key].compute()', 'res = cms[ths[0]].compute()', 'sliding or seen'),
     'calib-min': ('evaluate.py', "best = max(r['sweep'], key=r['sweep'].get)", "best = min(r['sweep'], key=r['sweep'].get)", 'calibrate'),
-    'protocol-seen-swap': ('protocols.py', 'seen=seen, unseen=unseen)', 'seen=unseen, unseen=seen)', 'seen'),
+    'protocol-seen-swap': ('protocols.py', 'seen=seen, unseen=unseen, resize=', 'seen=unseen, unseen=seen, resize=', 'seen'),
     'protocol-threshold': ('protocols.py', 'bg_index=bg, bg_threshold=p.bg_threshold,', 'bg_index=bg, bg_threshold=0.0,', 'seen'),
     'cm-allreduce-max': ('metrics.py', 'dist.all_reduce(buf, op=dist.ReduceOp.SUM)', 'dist.all_reduce(buf, op=dist.ReduceOp.MAX)', 'confusion'),
     'cm-allreduce-invalid': ('metrics.py', 'self.mat.copy_(buf[:C * C].view(C, C)); self.invalid.copy_(buf[C * C:])', 'self.mat.copy_(buf[:C * C].view(C, C))', 'confusion'),
@@ -43,8 +46,8 @@ BUGS = {
     'vision-labels': ('losses.py', 'labels = (torch.arange(B, device=local.device) + rank * B).repeat_interleave(m)',
                       'labels = (torch.arange(B, device=local.device) + rank * B).repeat(m)', 'vision'),
     'vision-temperature': ('losses.py', 'logits = local.reshape(B * m, D) @ tg.T / temperature', 'logits = local.reshape(B * m, D) @ tg.T', 'vision'),
-    'forward-vision-student-target': ('vilseg.py', 'if self.teacher is not None:\n                with torch.no_grad(): tgt',
-                                      'if False:\n                with torch.no_grad(): tgt', 'ema'),
+    'forward-vision-student-target': ('vilseg.py', 'if self.teacher is not None:\n            with torch.no_grad(): tgt',
+                                      'if False:\n            with torch.no_grad(): tgt', 'ema'),
     'ema-swapped': ('vilseg.py', 'pt.mul_(m).add_(ps.detach(), alpha=1 - m)', 'pt.mul_(1 - m).add_(ps.detach(), alpha=m)', 'ema or skipped'),
     'ema-not-called': ('train.py', '        _unwrap(ddp).update_teacher()\n', '\n', 'skipped'),
     'align-flip-axis': ('views.py', 'out.flip(-1), out)', 'out.flip(-2), out)', 'cluster_loss or multiview'),
@@ -59,23 +62,19 @@ BUGS = {
     'train-skip-threshold': ('train.py', 'if _trim_to_common_batch(batch, ws) < 2:', 'if _trim_to_common_batch(batch, ws) < 1:', 'skipped'),
     # the cross-modal loss without the gradient through the other ranks' embeddings: the same values, other gradients
     # (mutmut's x_cross_modal_loss #12, #17, #23, which its in-process runner cannot reach: the test spawns 2 gloo processes)
-    'ddp-gather-grad-none': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=None', 'recipe_gradients and demo', 'test_ddp_exact.py'),
-    'ddp-gather-grad-default': ('losses.py', 'gather_with_grad=ws > 1, ', '', 'recipe_gradients and demo', 'test_ddp_exact.py'),
-    'ddp-gather-grad-ws2': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=ws > 2', 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    'ddp-gather-grad-none': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=None', *RECIPE_2P),
+    'ddp-gather-grad-default': ('losses.py', 'gather_with_grad=ws > 1, ', '', *RECIPE_2P),
+    'ddp-gather-grad-ws2': ('losses.py', 'gather_with_grad=ws > 1', 'gather_with_grad=ws > 2', *RECIPE_2P),
     # the noun bank's distillation without its words: each rank distills its own nouns, not the distinct nouns of all
     # ranks (mutmut's x_forward #222, #226: at one process gather_prompts returns its input, so only 2 processes show it)
-    'ddp-bank-distill-words-none': ('vilseg.py', "out['bank_distill'] = bank_distill_loss(pe, be, scale, words)",
-                                    "out['bank_distill'] = bank_distill_loss(pe, be, scale, None)", 'recipe_gradients and demo', 'test_ddp_exact.py'),
-    'ddp-bank-distill-words-default': ('vilseg.py', "out['bank_distill'] = bank_distill_loss(pe, be, scale, words)",
-                                       "out['bank_distill'] = bank_distill_loss(pe, be, scale, )", 'recipe_gradients and demo', 'test_ddp_exact.py'),
+    'ddp-bank-distill-words-none': ('vilseg.py', DISTILL.format('words'), DISTILL.format('None'), *RECIPE_2P),
+    'ddp-bank-distill-words-default': ('vilseg.py', DISTILL.format('words'), DISTILL.format(''), *RECIPE_2P),
     # computed at import (the template sets) or seen from the caller's frame (the warning): mutmut's trampolines cannot show
     # them (x__format_strings #3, #4; x_clip_baseline #12, #15)
     'templates-format-none': ('protocols.py', "return [f('{}') for f in fns]", 'return [f(None) for f in fns]', 'template_sets', 'test_mutants_kill.py'),
     'templates-format-marked': ('protocols.py', "return [f('{}') for f in fns]", "return [f('XX{}XX') for f in fns]", 'template_sets', 'test_mutants_kill.py'),
-    'warning-stacklevel-1': ('protocols.py', "'open_clip tag or a weights file)', UserWarning, stacklevel=2)",
-                             "'open_clip tag or a weights file)', UserWarning)", 'warning_names', 'test_protocols.py'),
-    'warning-stacklevel-3': ('protocols.py', "'open_clip tag or a weights file)', UserWarning, stacklevel=2)",
-                             "'open_clip tag or a weights file)', UserWarning, stacklevel=3)", 'warning_names', 'test_protocols.py'),
+    'warning-stacklevel-1': ('protocols.py', WARN.format(', stacklevel=2'), WARN.format(''), 'warning_names', 'test_protocols.py'),
+    'warning-stacklevel-3': ('protocols.py', WARN.format(', stacklevel=2'), WARN.format(', stacklevel=3'), 'warning_names', 'test_protocols.py'),
 }
 
 

@@ -179,12 +179,11 @@ def mutated_functions(mutated: Path) -> dict:
             for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
-def docstring_only(mutated, keys, funcs: dict | None = None) -> list:
+def docstring_only(funcs: dict, keys) -> list:
     """The mutants that change nothing but a docstring (their function's AST equals the original's once docstrings are
     dropped): they change `__doc__` only, and mutmut's trampoline shows the original's docstring anyway. mutmut 2 did not
     generate them; here they are counted apart and not scored."""
     import ast
-    funcs = funcs if funcs is not None else mutated_functions(mutated)
     def bare(f):
         body = f.body[1:] if f.body and isinstance(f.body[0], ast.Expr) and isinstance(getattr(f.body[0], 'value', None), ast.Constant) \
             and isinstance(f.body[0].value.value, str) else f.body
@@ -219,7 +218,7 @@ def collect(name: str, spec: dict, work: Path) -> dict:
     from mutmut.__main__ import status_by_exit_code
     status = {k: status_by_exit_code.get(v, f'exit {v}') for k, v in codes.items()}
     funcs = mutated_functions(work / 'mutants' / spec['path'])    # Python's ast: libcst takes minutes and GBs on a module of 2,000+ mutants
-    for k in docstring_only(None, status, funcs): status[k] = 'docstring'
+    for k in docstring_only(funcs, status): status[k] = 'docstring'
     counts = {s: sum(1 for v in status.values() if v == s) for s in sorted(set(status.values()))}
     checked = sum(n for s, n in counts.items() if s not in NOT_SCORED)
     killed = counts.get('killed', 0) + counts.get('timeout', 0) + counts.get('segfault', 0)   # a crashed test run caught the mutant
